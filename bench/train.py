@@ -1,10 +1,12 @@
 """Pretraining throughput: tokens/s, model FLOP/s and MFU of a full optimizer step (forward, backward,
 Muon + AdamW), for the tiny and cpu presets' models and for the shapes of ANCHORS.md, on this machine.
 
-    python bench/train.py [--steps 6] [--device cpu|cuda] [--shapes tiny,cpu,anchor4,anchor6,d20]
+    python bench/train.py [--steps 6] [--device cpu|cuda] [--shapes tiny,cpu,anchor4,anchor6,d20] [--system-malloc]
 
 MFU needs a peak: on CUDA the device's dense bf16 peak (nanopipe.train.common.PEAK_FLOPS); on CPU
 the fp32 matmul FLOP/s measured here first (a large torch.mm), stated in the output.
+It runs with the malloc settings base_train's processes get (nanopipe.launch.MALLOC_ENV), re-executing
+itself to apply them; --system-malloc measures glibc's defaults instead.
 Last line: RESULT preset=cpu device=<> tokens_per_s=<> mfu=<>
 """
 
@@ -12,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import sys
 import time
 
 import torch
 
 from nanopipe.config import load_config
+from nanopipe.launch import MALLOC_ENV, training_env
 from nanopipe.model import GPT, GPTConfig
 from nanopipe.train.common import peak_flops
 
@@ -39,12 +44,16 @@ def shapes() -> dict[str, dict]:
 
 
 def cpu_matmul_peak(n: int = 2048, reps: int = 5) -> float:
+    """Best of 3 timings of `reps` fp32 n^3 matmuls (best: this machine's speed drifts)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        torch.mm(a, b)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 * reps / best
 
 
 def measure(s: dict, steps: int, device: torch.device, compile_: bool) -> dict:
@@ -90,14 +99,18 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shapes", default="tiny,anchor4,anchor6,cpu")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (default on CUDA)")
+    ap.add_argument("--system-malloc", action="store_true", help="glibc's default malloc settings, not MALLOC_ENV")
     a = ap.parse_args()
+    if not a.system_malloc and training_env():  # glibc reads them at start-up: re-execute with them
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **training_env()})
     device = torch.device(a.device)
     compile_ = a.compile or device.type == "cuda"
     if device.type == "cpu":
         peak, peak_what = cpu_matmul_peak(), "measured fp32 torch.mm 2048^3 on this CPU"
     else:
         peak, peak_what = peak_flops(device), f"dense bf16 peak of {torch.cuda.get_device_name(device)}"
-    print(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+    malloc = " ".join(f"{k}={os.environ[k]}" for k in MALLOC_ENV if k in os.environ) or "glibc defaults"
+    print(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | malloc: {malloc} | "
           f"peak {peak / 1e12:.3f} TFLOP/s ({peak_what})" if peak else f"device {device} | peak unknown")
     all_shapes = shapes()
     results = {}

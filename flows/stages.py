@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -74,15 +76,30 @@ def _transient(task, task_run, state) -> bool:
     return False
 
 
+# One torchrun stage at a time in this process: the pipeline's tasks share one machine, and two
+# training/eval stages at once (base_eval beside mid_train) would fight over its GPUs or, on CPU,
+# oversubscribe its cores (each rank takes cores / ranks threads): 10x slower there, not faster.
+_DEVICES = threading.Lock()
+
+
+@contextlib.contextmanager
+def device_slot(stage: str) -> Iterator[None]:
+    """Held while a torchrun stage runs: this process's device lock and a slot of the global
+    "gpu" concurrency limit (across workers; a no-op where that limit does not exist)."""
+    if getattr(stage_module(stage), "LAUNCH", None) != "torchrun":
+        yield
+        return
+    with _DEVICES, concurrency("gpu", occupy=1):
+        yield
+
+
 @task(cache_policy=StoreKeyPolicy(), persist_result=True, result_serializer="json",
       task_run_name="{stage}", retries=0)
 def stage_task(stage: str, config: dict, upstream: dict[str, dict], store_url: str, force: bool = False) -> dict[str, Any]:
     logger = get_run_logger()
     store = Store(store_url)
     cfg = RunConfig.model_validate(config)
-    # Training/eval stages on accelerators hold a slot of the global "gpu" limit (if it exists).
-    gpu = getattr(stage_module(stage), "LAUNCH", None) == "torchrun"
-    with concurrency("gpu", occupy=1) if gpu else contextlib.nullcontext():
+    with device_slot(stage):
         manifest, reused = run_stage(store, cfg, stage, upstream, force=force, log=logger.info)
     if not reused:
         publish_artifacts(store, manifest)

@@ -303,15 +303,16 @@ PRESETS: dict[str, dict] = {
                 "max_seq_len": 128, "device_batch_size": 4, "grad_accum": 2, "num_iterations": 30,
                 "init_lr_frac": 0.2, "eval_every": 15, "eval_batches": 8, "checkpoint_every": 15, "device": "cpu"},
         # GSM8K is out of reach at this size: RL on additions (70% one step) with the calculator,
-        # GSM8K pass@k before/after reported alongside. One thread: the engine's small decode steps
-        # gain nothing from two, and two spinning threads slow down badly on a busy machine.
+        # GSM8K pass@k before/after reported alongside. One thread here and in chat_eval: the
+        # engine's small decode steps gain nothing from two, and two spinning threads slow down
+        # badly on a busy machine.
         "rl": {"train_tasks": _mix(("arithmetic", {"size": 4000, "ops": ["+"], "max_digits": 1}, 1)),
                "gsm_symbolic": 0,
                "eval_task": {"task": "arithmetic", "args": {"split": "test", "size": 48, "ops": ["+"], "max_digits": 1}},
                "eval_examples": 48, "eval_every": 15, "gsm8k_examples": 16, "num_iterations": 30,
                "examples_per_step": 8, "num_samples": 8, "device_batch_size": 16, "max_new_tokens": 48,
                "max_seq_len": 512, "checkpoint_every": 10, "device": "cpu", "threads": 1},
-        "chat_eval": {"max_examples": 24, "max_tokens": 48, "context_len": 512, "device": "cpu"},
+        "chat_eval": {"max_examples": 24, "max_tokens": 48, "context_len": 512, "device": "cpu", "threads": 1},
     },
     # A bigger CPU run, around an hour on 2 cores.
     "cpu": {

@@ -31,7 +31,7 @@ from pydantic import BaseModel
 
 from nanopipe.config import RunConfig
 from nanopipe.faults import reset_faults
-from nanopipe.launch import run_streaming, torchrun_command
+from nanopipe.launch import run_streaming, torchrun_command, training_env
 from nanopipe.stages import STAGES
 from nanopipe.store import Store, StageWriter, StoreError, cache_dir, output_digest, stage_key
 
@@ -166,7 +166,7 @@ def launch_child(store: Store, cfg: RunConfig, name: str, key: str, upstream: di
     log_path = _local_log_path(store, name, key)
     log(f"[{name}] launching: {' '.join(cmd[2:])}")
     try:
-        run_streaming(cmd, log_path, on_line=log)
+        run_streaming(cmd, log_path, on_line=log, env=training_env())
     finally:
         if not store.is_local:  # keep the full log beside the stage's outputs (not part of the manifest)
             store.fs.put_file(log_path, posixpath.join(store.stage_dir(name, key), LAUNCH_LOG))

@@ -1,4 +1,5 @@
 import os
+import platform
 import signal
 import sys
 import textwrap
@@ -6,7 +7,7 @@ import time
 
 import pytest
 
-from nanopipe.launch import LaunchError, LaunchTimeout, run_streaming, torchrun_command
+from nanopipe.launch import MALLOC_ENV, LaunchError, LaunchTimeout, run_streaming, torchrun_command, training_env
 
 
 def python(code: str) -> list[str]:
@@ -159,3 +160,37 @@ def test_real_torchrun_two_ranks(tmp_path):
                   on_line=got.append, timeout=60, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     for rank in range(2):
         assert f"rank {rank} of 2 sum 3 args ['--x', '1']" in got
+
+
+# Allocate, touch and free 64 MiB; report how much of it the process still holds (MiB).
+KEPT_AFTER_FREE = """
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) // 1024
+before = rss()
+b = b"x" * (64 << 20); del b
+print("kept", rss() - before)
+"""
+
+
+def test_training_env_keeps_what_the_user_set(monkeypatch):
+    for k in MALLOC_ENV:
+        monkeypatch.delenv(k, raising=False)
+    assert training_env() == MALLOC_ENV
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "7")
+    assert "MALLOC_MMAP_MAX_" not in training_env() and set(training_env()) == set(MALLOC_ENV) - {"MALLOC_MMAP_MAX_"}
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="MALLOC_ENV tunes glibc's malloc")
+def test_training_env_reuses_freed_memory(tmp_path, monkeypatch):
+    """The point of MALLOC_ENV: a freed large block stays in the heap for reuse, not returned to the
+    kernel (whence it would be faulted in and zeroed again on the next allocation)."""
+    for k in MALLOC_ENV:
+        monkeypatch.delenv(k, raising=False)
+    kept_mib = {}
+    for name, env in (("default", None), ("training", training_env())):
+        out = []
+        run_streaming(python(KEPT_AFTER_FREE), tmp_path / f"{name}.log", on_line=out.append, env=env)
+        kept_mib[name] = int(out[-1].split()[1])
+    assert kept_mib["default"] < 16, kept_mib
+    assert kept_mib["training"] >= 60, kept_mib

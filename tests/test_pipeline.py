@@ -130,3 +130,37 @@ def test_bad_input_is_one_line_exit_2_and_store_untouched(tmp_path, args, needle
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], p.stderr
     assert not store.exists()
+
+
+def test_torchrun_stages_of_one_process_run_one_at_a_time(prefect_server):
+    """base_eval and mid_train both follow base_train: the flow may start them together, but they
+    share this machine's devices, so device_slot lets one in at a time; other stages are not held."""
+    import threading
+    import time
+
+    from flows.stages import device_slot
+
+    inside, most, order = [], [0], []
+    lock = threading.Lock()
+
+    def run(stage: str) -> None:
+        with device_slot(stage):
+            with lock:
+                inside.append(stage)
+                most[0] = max(most[0], len(inside))
+            time.sleep(0.3)
+            with lock:
+                inside.remove(stage)
+                order.append(stage)
+
+    with device_slot("base_eval"):  # a torchrun stage holds the slot: a CPU stage still runs
+        t = threading.Thread(target=run, args=("tokenizer",))
+        t.start()
+        t.join(timeout=5)
+        assert order == ["tokenizer"]
+    threads = [threading.Thread(target=run, args=(s,)) for s in ("base_eval", "mid_train", "sft")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert sorted(order[1:]) == ["base_eval", "mid_train", "sft"] and most[0] == 1
