@@ -101,8 +101,9 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (default on CUDA)")
     ap.add_argument("--system-malloc", action="store_true", help="glibc's default malloc settings, not MALLOC_ENV")
     a = ap.parse_args()
-    if not a.system_malloc and training_env():  # glibc reads them at start-up: re-execute with them
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **training_env()})
+    missing = {} if a.system_malloc else training_env()
+    if missing:  # glibc reads them at start-up: re-execute with them
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **missing})
     device = torch.device(a.device)
     compile_ = a.compile or device.type == "cuda"
     if device.type == "cpu":

@@ -26,13 +26,13 @@ DRAIN_S = 2.0  # after the child exits, how long leftovers may hold our pipe ope
 # 32 MiB) afresh and unmaps them on free, so each training step re-faults and re-zeroes
 # gigabytes of pages: a third of CPU time on this machine type. Serving them from a heap
 # that is never trimmed reuses the memory instead (about 1.5x tokens/s for the depth-6 model
-# on CPU; bench/train.py --system-malloc shows the difference). Read at
-# process start, so it must be in the child's environment; settings a user exported win.
+# on CPU; bench/train.py --system-malloc shows the difference). glibc reads these at process
+# start, so they go into the child's environment; settings a user exported win.
 MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
 
 def training_env() -> dict[str, str]:
-    """Variables to start a training process with: MALLOC_ENV, except those already set here."""
+    """Variables to start a training/eval child with: MALLOC_ENV, except those already set here."""
     return {k: v for k, v in MALLOC_ENV.items() if k not in os.environ}
 
 

@@ -3,6 +3,8 @@
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -135,9 +137,6 @@ def test_bad_input_is_one_line_exit_2_and_store_untouched(tmp_path, args, needle
 def test_torchrun_stages_of_one_process_run_one_at_a_time(prefect_server):
     """base_eval and mid_train both follow base_train: the flow may start them together, but they
     share this machine's devices, so device_slot lets one in at a time; other stages are not held."""
-    import threading
-    import time
-
     from flows.stages import device_slot
 
     inside, most, order = [], [0], []
