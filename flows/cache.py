@@ -21,13 +21,6 @@ from nanopipe.config import RunConfig
 from nanopipe.runner import lookup
 from nanopipe.store import Store
 
-RECORD = "_prefect_record.json"
-
-
-def record_name(store: Store, stage: str, key: str) -> str:
-    """Cache key = path of the record relative to the store root."""
-    return f"{stage}/{key[:16]}/{RECORD}"
-
 
 def result_storage(store: Store) -> WritableFileSystem:
     """A (saved) Prefect filesystem block rooted at the store, where cache records are kept."""
@@ -44,7 +37,7 @@ class StoreKeyPolicy(CachePolicy):
         store = Store(inputs["store_url"])
         stage = inputs["stage"]
         key, manifest = lookup(store, RunConfig.model_validate(inputs["config"]), stage, inputs["upstream"])
-        name = record_name(store, stage, key)
+        name = store.prefect_record(stage, key)  # the cache key: the record's path in the store
         if manifest is not None:
             # Built outside Prefect (`nanopipe stage`, another tool): record it so Prefect reports Cached.
             results = task_ctx.result_store
@@ -52,7 +45,7 @@ class StoreKeyPolicy(CachePolicy):
                 results.write(obj=manifest, key=name)
         else:
             # A record without a committed manifest is stale (the dir was half-removed): drop it.
-            stale = f"{store.stage_dir(stage, key)}/{RECORD}"
+            stale = store.prefect_record_path(stage, key)
             if store.fs.exists(stale):
                 store.fs.rm(stale)
         return name

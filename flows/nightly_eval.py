@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import posixpath
 import uuid
 
 import torch
@@ -24,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from nanopipe import loading
+from nanopipe.lineage import ancestor
 from nanopipe.store import Store, StoreError
 from nanopipe.train.common import autocast_for
 
@@ -47,24 +47,6 @@ def resolve_models(store: Store, models: list[str] | None) -> list[dict]:
     if len(set(labels)) != len(labels):
         raise ValueError(f"give at most one model per stage (got {', '.join(labels)}): runs are compared stage by stage")
     return found
-
-
-def ancestor(store: Store, manifest: dict, stage: str) -> dict:
-    """The committed `stage` manifest in a manifest's lineage (nearest first)."""
-    todo, seen = [manifest], set()
-    while todo:
-        m = todo.pop(0)
-        if stage in m["upstream"]:
-            up = store.manifest(stage, m["upstream"][stage]["key"])
-            if up is None:
-                raise StoreError(f"{stage}/{m['upstream'][stage]['key'][:16]} (upstream of {m['stage']}) "
-                                 "is no longer in the store")
-            return up
-        for name, u in m["upstream"].items():
-            if u["key"] not in seen and (um := store.manifest(name, u["key"])) is not None:
-                seen.add(u["key"])
-                todo.append(um)
-    raise StoreError(f"{manifest['stage']}/{manifest['key'][:16]}: no {stage} stage in its lineage")
 
 
 # ----- evaluating one checkpoint (plain code: the task below only wraps it) -----
@@ -150,24 +132,19 @@ def compare(current: dict, previous: dict | None, threshold: float) -> list[dict
 
 
 def previous_record(store: Store) -> dict | None:
-    """The newest nightly record in the store (records are named by time, so names sort by age)."""
-    d = store.nightly_dir()
-    try:
-        names = sorted(p for p in store.fs.ls(d, detail=False) if p.endswith(".json"))
-    except FileNotFoundError:
-        return None
-    if not names:
+    """The newest nightly record in the store."""
+    records = store.nightly_records()
+    if not records:
         return None
     try:
-        return json.loads(store.fs.cat_file(names[-1]))
+        return json.loads(store.fs.cat_file(records[-1]))
     except json.JSONDecodeError as e:
-        raise StoreError(f"{store.url_of(names[-1])}: nightly record is not valid JSON ({e})") from None
+        raise StoreError(f"{store.url_of(records[-1])}: nightly record is not valid JSON ({e})") from None
 
 
 def write_record(store: Store, record: dict) -> str:
-    """Store a run's record as {nightly dir}/{UTC time}-{id}.json; returns its URL."""
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    path = posixpath.join(store.nightly_dir(), f"{stamp}-{record['run_id'][:8]}.json")
+    """Store a run's record (named by the time of writing, see Store.nightly_record_path); returns its URL."""
+    path = store.nightly_record_path(dt.datetime.now(dt.timezone.utc), record["run_id"])
     store.fs.makedirs(store.nightly_dir(), exist_ok=True)
     store.fs.pipe_file(path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
     return store.url_of(path)

@@ -10,8 +10,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from nanopipe.config import load_config
-from nanopipe.plan import plan_stages
-from nanopipe.stages import STAGES
+from nanopipe.stages import STAGES, plan_stages
 from nanopipe.store import Store
 from flows.cache import result_storage
 from flows.stages import configured_task

@@ -22,8 +22,8 @@ import sys
 import time
 
 from nanopipe.config import ConfigError, load_config
-from nanopipe.plan import PlanError, plan_stages
-from nanopipe.stages import STAGES
+from nanopipe.lineage import closure
+from nanopipe.stages import STAGES, PlanError, plan_stages
 from nanopipe.store import Store, StoreError
 
 
@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
         _artifacts(store, args)
     elif args.cmd == "gc":
         _gc(store, cfg, args)
+    elif args.cmd == "report":
+        _report(store, cfg)
     else:
         _other(args)
 
@@ -134,11 +136,7 @@ def main(argv: list[str] | None = None) -> None:
 def _other(args) -> None:
     """Commands that hand over to another module; their bad input is one line and exit 2."""
     try:
-        if args.cmd == "report":
-            from nanopipe.report import report_main
-
-            report_main(args.store, args.preset, args.overrides)
-        elif args.cmd == "chat":
+        if args.cmd == "chat":
             from nanopipe.serve.chat_cli import chat_main
 
             chat_main(args.store, args.model, args.prompt, args.temperature, args.top_k, args.max_tokens, args.device)
@@ -256,16 +254,9 @@ def _artifacts(store: Store, args) -> None:
 
 def _gc(store: Store, cfg, args) -> None:
     """Keep the lineage of what the given config has built; drop other committed dirs and old unfinished ones."""
-    keep: set[str] = set()
-    todo = [r["key"] for r in config_status(store, cfg) if r["built"]]
-    by_key = {m["key"]: m for m in store.manifests()}
-    while todo:
-        k = todo.pop()
-        if k in keep or k not in by_key:
-            continue
-        keep.add(k)
-        todo.extend(u["key"] for u in by_key[k]["upstream"].values())
-    doomed = [(m["stage"], store.stage_dir(m["stage"], m["key"]), "unreferenced") for m in by_key.values()
+    built = [store.manifest(r["stage"], r["key"]) for r in config_status(store, cfg) if r["built"]]
+    keep = closure(store, built)
+    doomed = [(m["stage"], store.stage_dir(m["stage"], m["key"]), "unreferenced") for m in store.manifests()
               if m["key"] not in keep]
     doomed += [(s, d, f"unfinished, {age / 3600:.1f}h old") for s, d, age in store.unfinished() if age >= args.min_age]
     for stage, d, why in doomed:
@@ -273,3 +264,22 @@ def _gc(store: Store, cfg, args) -> None:
         if args.yes:
             store.remove(d)
     print(f"{len(doomed)} dirs {'removed' if args.yes else 'to remove (dry run; pass --yes to delete)'}; kept {len(keep)}")
+
+
+def _report(store: Store, cfg) -> None:
+    """Print the committed report.md of a config (and where its plots are); builds nothing."""
+    rows = config_status(store, cfg)
+    report = next(r for r in rows if r["stage"] == "report")
+    try:
+        if not report["built"]:
+            raise StoreError(f"no committed report for preset {cfg.preset!r} (and these overrides) in {store.url}; "
+                             f"not built: {', '.join(r['stage'] for r in rows if not r['built'])}. "
+                             f"Build it with `nanopipe run --preset {cfg.preset}`")
+        m = store.manifest("report", report["key"])
+        print(store.read_bytes(m, "report.md").decode(), end="")
+    except StoreError as e:
+        print(f"nanopipe: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    plots = sorted(f["path"] for f in m["files"] if f["path"].startswith("plots/"))
+    if plots:
+        print(f"\n(plots: {', '.join(store.url_of(store.path_of(m, p)) for p in plots)})")

@@ -10,12 +10,15 @@ import json
 
 import torch
 
+from nanopipe.lineage import ancestor
 from nanopipe.model import GPT, GPTConfig, rotary_tables
+from nanopipe.stages import in_order
 from nanopipe.store import Store, StoreError
 from nanopipe.tokenizer import Tokenizer
 
 TOKENIZER_FILES = ("tokenizer.ranks", "tokenizer.json")
-MODEL_STAGES = ("rl", "sft", "mid_train", "base_train")  # most finished first
+# The stages that commit a model (model.pt), most finished first.
+MODEL_STAGES = tuple(reversed(in_order({"base_train", "mid_train", "sft", "rl"})))
 
 
 def load_tokenizer(store: Store, tokenizer_manifest: dict) -> Tokenizer:
@@ -36,21 +39,8 @@ def load_model(store: Store, manifest: dict, device: str | torch.device = "cpu")
 
 
 def tokenizer_of(store: Store, manifest: dict) -> dict:
-    """The tokenizer manifest a model was trained with, following its lineage."""
-    m = manifest
-    while "tokenizer" not in m["upstream"]:
-        parents = [(name, up) for name, up in m["upstream"].items() if name in MODEL_STAGES]
-        if not parents:
-            raise StoreError(f"{manifest['stage']}/{manifest['key'][:16]}: no tokenizer in its lineage")
-        name, up = parents[0]
-        m = store.manifest(name, up["key"])
-        if m is None:
-            raise StoreError(f"{name}/{up['key'][:16]} (upstream of {manifest['stage']}) is no longer in the store")
-    up = m["upstream"]["tokenizer"]
-    tm = store.manifest("tokenizer", up["key"])
-    if tm is None:
-        raise StoreError(f"tokenizer/{up['key'][:16]} (upstream of {manifest['stage']}) is no longer in the store")
-    return tm
+    """The tokenizer manifest a model was trained with (the nearest in its lineage)."""
+    return ancestor(store, manifest, "tokenizer")
 
 
 def find_model(store: Store, spec: str | None = None) -> dict:

@@ -8,7 +8,7 @@
 
 Whatever is missing (a stage not run, a metric a stage does not report) shows as "-", so a
 report of a partial pipeline is still a report. Also here: `lineage_tree` for
-`nanopipe artifacts show` and `report_main` for `nanopipe report`.
+`nanopipe artifacts show`.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import re
 import subprocess
 from dataclasses import dataclass, field
 
-from nanopipe.store import Store, StoreError, output_digest
+from nanopipe import lineage
+from nanopipe.stages import in_order
+from nanopipe.store import Store, output_digest
 
 MISSING = "-"
-PIPELINE_ORDER = ("setup", "tokenizer", "data", "base_train", "base_eval", "mid_train", "sft", "rl",
-                  "chat_eval", "serve")
 
 # The stage x metric table (as in nanochat's report): rows are benchmarks, columns are the model
 # after each training phase. chat_eval names its metrics "<phase>/<task>".
@@ -185,13 +185,8 @@ def gpu_rate(gpus: list[str], gpu_hour_usd: float | None) -> float:
 
 # ----- the report -----
 
-def _rank(stage: str) -> tuple[int, str]:
-    """Pipeline order; stages this module does not know go last, by name."""
-    return (PIPELINE_ORDER.index(stage), "") if stage in PIPELINE_ORDER else (len(PIPELINE_ORDER), stage)
-
-
 def ordered(manifests: dict[str, dict]) -> list[tuple[str, dict]]:
-    return sorted(manifests.items(), key=lambda kv: _rank(kv[0]))
+    return [(s, manifests[s]) for s in in_order(manifests)]
 
 
 def build_report(store: Store, manifests: dict[str, dict], git: dict | None = None,
@@ -329,64 +324,29 @@ def lineage_tree(store: Store, manifest: dict) -> str:
     A stage reached twice is expanded once. "outputs changed since" marks an upstream that was
     rebuilt (forced) with different bytes than the ones this manifest was built from.
     """
+    links = lineage.graph(store, manifest)
     lines = [_node(manifest)]
     shown = {manifest["key"]}
 
-    def walk(m: dict, prefix: str) -> None:
-        ups = sorted(m["upstream"].items(), key=lambda kv: _rank(kv[0]))
-        for i, (name, up) in enumerate(ups):
-            last = i == len(ups) - 1
+    def render(key: str, prefix: str) -> None:
+        for i, up in enumerate(links[key]):
+            last = i == len(links[key]) - 1
             branch, child_prefix = ("└── ", "    ") if last else ("├── ", "│   ")
-            um = store.manifest(name, up["key"])
-            if um is None:
-                lines.append(f"{prefix}{branch}{name}/{up['key'][:16]}  (removed from the store)")
+            if up.manifest is None:
+                lines.append(f"{prefix}{branch}{up}  (removed from the store)")
                 continue
             note = "  (outputs changed since: rebuilt after this was built)" \
-                if up.get("digest") and output_digest(um) != up["digest"] else ""
-            if um["key"] in shown:
-                lines.append(f"{prefix}{branch}{name}/{up['key'][:16]}  (shown above){note}")
+                if up.digest and output_digest(up.manifest) != up.digest else ""
+            if up.key in shown:
+                lines.append(f"{prefix}{branch}{up}  (shown above){note}")
                 continue
-            shown.add(um["key"])
-            lines.append(f"{prefix}{branch}{_node(um)}{note}")
-            walk(um, prefix + child_prefix)
+            shown.add(up.key)
+            lines.append(f"{prefix}{branch}{_node(up.manifest)}{note}")
+            render(up.key, prefix + child_prefix)
 
-    walk(manifest, "")
+    render(manifest["key"], "")
     return "\n".join(lines)
 
 
 def _node(m: dict) -> str:
     return f"{m['stage']}/{m['key'][:16]}  {m['created_at']}  {fmt_seconds(m['timings']['seconds'])}"
-
-
-# ----- `nanopipe report` -----
-
-def committed_report(store: Store, cfg) -> dict:
-    """The committed report manifest of a config, or a StoreError naming what is not built yet."""
-    from nanopipe.runner import lookup
-    from nanopipe.stages import STAGES
-
-    if "report" not in STAGES:
-        raise StoreError("this nanopipe has no report stage")
-    built: dict[str, dict] = {}
-    for name in STAGES:
-        if all(u in built for u in STAGES[name]):
-            _, m = lookup(store, cfg, name, {u: built[u] for u in STAGES[name]})
-            if m is not None:
-                built[name] = m
-    if "report" not in built:
-        missing = [s for s in STAGES if s not in built]
-        raise StoreError(f"no committed report for preset {cfg.preset!r} (and these overrides) in {store.url}; "
-                         f"not built: {', '.join(missing)}. Build it with `nanopipe run --preset {cfg.preset}`")
-    return built["report"]
-
-
-def report_main(store_url: str | None, preset: str, overrides: list[str]) -> None:
-    """`nanopipe report`: print the committed report.md of a config; builds nothing."""
-    from nanopipe.config import load_config
-
-    store = Store(store_url)
-    m = committed_report(store, load_config(preset, overrides))
-    print(store.read_bytes(m, "report.md").decode(), end="")
-    plots = sorted(p for p in _files(m) if p.startswith("plots/"))
-    if plots:
-        print(f"\n(plots: {', '.join(store.url_of(store.path_of(m, p)) for p in plots)})")

@@ -19,7 +19,6 @@ import importlib
 import importlib.util
 import json
 import os
-import posixpath
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from nanopipe.config import RunConfig
 from nanopipe.faults import reset_faults
 from nanopipe.launch import run_streaming, torchrun_command, training_env
 from nanopipe.stages import STAGES
-from nanopipe.store import Store, StageWriter, StoreError, cache_dir, output_digest, stage_key
+from nanopipe.store import Store, StageWriter, StoreError, output_digest, stage_key
 
 Log = Callable[[str], None]
 
@@ -148,39 +147,29 @@ def run_pipeline(store: Store, cfg: RunConfig, order: list[str], force: list[str
 
 # ---- torchrun stages: the parent writes a launch spec, the child runs the body and commits ----
 
-LAUNCH_SPEC = "launch.json"
-LAUNCH_LOG = "launch.log"
-
-
 def launch_child(store: Store, cfg: RunConfig, name: str, key: str, upstream: dict[str, dict], log: Log) -> dict:
     section = getattr(cfg, name)
     writer = store.writer(name, key)
     store.fs.makedirs(writer.work, exist_ok=True)
     spec = {"stage": name, "key": key, "config": section.model_dump(mode="json"), "upstream": upstream}
-    store.fs.pipe_file(writer.work_path(LAUNCH_SPEC), json.dumps(spec).encode())
+    store.fs.pipe_file(store.launch_spec_path(name, key), json.dumps(spec).encode())
     cmd = torchrun_command(
         "nanopipe.runner", ["--store", store.url, "--stage", name, "--key", key],
         nproc_per_node=section.nproc_per_node, nnodes=section.nnodes, rdzv_endpoint=section.rdzv_endpoint,
         standalone=section.nnodes == 1,
     )
-    log_path = _local_log_path(store, name, key)
+    log_path = store.local_launch_log(name, key)
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
     log(f"[{name}] launching: {' '.join(cmd[2:])}")
     try:
         run_streaming(cmd, log_path, on_line=log, env=training_env())
     finally:
         if not store.is_local:  # keep the full log beside the stage's outputs (not part of the manifest)
-            store.fs.put_file(log_path, posixpath.join(store.stage_dir(name, key), LAUNCH_LOG))
+            store.fs.put_file(log_path, store.launch_log_path(name, key))
     manifest = store.manifest(name, key)
     if manifest is None:
         raise StageError(f"stage {name}: the training process exited cleanly but committed no manifest (log: {log_path})")
     return manifest
-
-
-def _local_log_path(store: Store, name: str, key: str) -> str:
-    """The child's full output, teed beside the stage's outputs (a local copy for remote stores)."""
-    d = store.stage_dir(name, key) if store.is_local else str(cache_dir() / "logs" / name / key[:16])
-    os.makedirs(d, exist_ok=True)
-    return os.path.join(d, LAUNCH_LOG)
 
 
 def child_main(argv: list[str] | None = None) -> None:
@@ -193,7 +182,7 @@ def child_main(argv: list[str] | None = None) -> None:
     p.add_argument("--key", required=True)
     a = p.parse_args(argv)
     store = Store(a.store)
-    spec_path = store.work_dir(a.stage, a.key) + "/" + LAUNCH_SPEC
+    spec_path = store.launch_spec_path(a.stage, a.key)
     try:
         spec = json.loads(store.fs.cat_file(spec_path))
     except FileNotFoundError:

@@ -5,8 +5,20 @@ Layout under one root URL (a local path, ``s3://bucket/prefix`` or any fsspec UR
     {root}/{stage}/{key[:16]}/manifest.json    written LAST: a dir without it does not exist
     {root}/{stage}/{key[:16]}/<files>          the stage's outputs, listed with sha256 in the manifest
     {root}/{stage}/{key[:16]}/_work/           in-progress state (checkpoints, partial output)
+    {root}/{stage}/{key[:16]}/_work/launch.json    what a torchrun child is to run (runner.launch_child)
+    {root}/{stage}/{key[:16]}/launch.log       a torchrun child's full output (not part of the manifest)
     {root}/{stage}/{key[:16]}/_prefect_record.json   Prefect's cache record of the stage (flows/cache.py)
-    {root}/_nightly/                           nightly evaluation records
+    {root}/_nightly/{UTC time}-{run id}.json   nightly evaluation records (flows/nightly_eval.py)
+
+The local cache (``cache_dir()``, $NANOPIPE_CACHE or ~/.cache/nanopipe) is laid out here too::
+
+    {cache}/store/                             the default store
+    {cache}/downloads/{kind}/                  downloads kept across runs: pypi/, npm/, encodings/,
+                                               and per-mirror folders fineweb-edu/{url hash}/ ...
+    {cache}/core/{bundle}/                     CORE eval bundles (downloaded, or built offline)
+    {cache}/remote/                            local copies of a remote store's files, by sha256
+    {cache}/logs/{stage}/{key[:16]}/launch.log a torchrun child's output, for remote stores
+    {cache}/tmp/                               local temp files of outputs bound for a remote store
 
 Keys are content addresses: sha256 of canonical JSON of the stage name, its code version,
 its config section and the identities of its upstream outputs (see ``stage_key``).
@@ -32,6 +44,10 @@ from fsspec.core import url_to_fs
 
 MANIFEST = "manifest.json"
 WORK = "_work"
+LAUNCH_SPEC = "launch.json"
+LAUNCH_LOG = "launch.log"
+PREFECT_RECORD = "_prefect_record.json"
+NIGHTLY = "_nightly"
 MANIFEST_FORMAT = 1
 _CHUNK = 1 << 20
 
@@ -52,6 +68,29 @@ def cache_dir() -> Path:
 
 def default_root() -> str:
     return os.environ.get("NANOPIPE_STORE") or str(cache_dir() / "store")
+
+
+def download_cache(kind: str, cache_root: str | os.PathLike | None = None) -> Path:
+    """{cache}/downloads/{kind}: downloaded files of one kind (pypi, npm, encodings, ...), kept across runs.
+
+    cache_root replaces cache_dir() (tests, or a caller with its own cache).
+    """
+    return _cache_root(cache_root) / "downloads" / kind
+
+
+def mirror_cache(kind: str, base_url: str, cache_root: str | os.PathLike | None = None) -> Path:
+    """{cache}/downloads/{kind}/{hash of base_url}: one folder per base URL, so two mirrors of a
+    dataset (or a test server) never share files."""
+    return download_cache(kind, cache_root) / hashlib.sha256(base_url.encode()).hexdigest()[:16]
+
+
+def core_bundle_cache(name: str, cache_root: str | os.PathLike | None = None) -> Path:
+    """{cache}/core/{name}: an unpacked CORE eval bundle (the published one, or the offline build)."""
+    return _cache_root(cache_root) / "core" / name
+
+
+def _cache_root(cache_root: str | os.PathLike | None) -> Path:
+    return Path(cache_root) if cache_root is not None else cache_dir()
 
 
 def canonical_json(obj: Any) -> str:
@@ -96,14 +135,50 @@ class Store:
 
     # ----- paths (the only code that decides them) -----
     def stage_dir(self, stage: str, key: str) -> str:
-        return posixpath.join(self.root, stage, key[:16])
+        return posixpath.join(self.root, _stage_rel(stage, key))
 
     def work_dir(self, stage: str, key: str) -> str:
         return posixpath.join(self.stage_dir(stage, key), WORK)
 
+    def launch_spec_path(self, stage: str, key: str) -> str:
+        """What a torchrun child of (stage, key) is to run: written by the parent, read by every rank."""
+        return posixpath.join(self.work_dir(stage, key), LAUNCH_SPEC)
+
+    def launch_log_path(self, stage: str, key: str) -> str:
+        """A torchrun child's full output, kept beside the stage's outputs (not part of the manifest)."""
+        return posixpath.join(self.stage_dir(stage, key), LAUNCH_LOG)
+
+    def local_launch_log(self, stage: str, key: str) -> str:
+        """The local file a launch tees the child's output into: launch_log_path itself on a local
+        store; a copy in the cache for a remote one (uploaded to launch_log_path afterwards)."""
+        if self.is_local:
+            return self.launch_log_path(stage, key)
+        return str(cache_dir() / "logs" / stage / key[:16] / LAUNCH_LOG)
+
+    def prefect_record(self, stage: str, key: str) -> str:
+        """Prefect's cache record of (stage, key), relative to the root: Prefect's result storage is
+        rooted at the store, so this is also the Prefect cache key. It lives in the stage dir, so
+        removing the stage removes its record too."""
+        return posixpath.join(_stage_rel(stage, key), PREFECT_RECORD)
+
+    def prefect_record_path(self, stage: str, key: str) -> str:
+        return posixpath.join(self.root, self.prefect_record(stage, key))
+
     def nightly_dir(self) -> str:
         """Records of nightly evaluation runs (one JSON per run), for regression comparison."""
-        return posixpath.join(self.root, "_nightly")
+        return posixpath.join(self.root, NIGHTLY)
+
+    def nightly_record_path(self, created: _dt.datetime, run_id: str) -> str:
+        """{nightly dir}/{UTC time}-{run id[:8]}.json: records are named by time, so names sort by age."""
+        stamp = created.astimezone(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        return posixpath.join(self.nightly_dir(), f"{stamp}-{run_id[:8]}.json")
+
+    def nightly_records(self) -> list[str]:
+        """Paths of the nightly records in the store, oldest first."""
+        try:
+            return sorted(p for p in self.fs.ls(self.nightly_dir(), detail=False) if p.endswith(".json"))
+        except FileNotFoundError:
+            return []
 
     def url_of(self, path: str) -> str:
         """Full URL (with protocol) of a path inside this store, for links and other processes."""
@@ -364,6 +439,10 @@ def _atomic_put(store: Store, path: str, data: bytes) -> None:
         os.replace(tmp, path)
     else:
         store.fs.pipe_file(path, data)
+
+
+def _stage_rel(stage: str, key: str) -> str:
+    return posixpath.join(stage, key[:16])
 
 
 def _check_rel(rel: str) -> None:

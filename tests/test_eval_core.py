@@ -408,9 +408,9 @@ def test_fetch_pinned_file_checks_the_hash(tmp_path):
     bad = PypiFile("pkg", "1.0", "pkg-1.0.tar.gz", "0" * 64, "MIT")
     with pytest.raises(RuntimeError, match="does not match the pinned"):
         fetch_pinned_file(bad, src.as_uri(), tmp_path / "dl")
-    assert list((tmp_path / "dl" / "pypi").iterdir()) == []
+    assert list((tmp_path / "dl" / "downloads" / "pypi").iterdir()) == []
     path = fetch_pinned_file(good, src.as_uri(), tmp_path / "dl")
-    assert path == tmp_path / "dl" / "pypi" / "pkg-1.0.tar.gz" and path.read_bytes() == src.read_bytes()
+    assert path == tmp_path / "dl" / "downloads" / "pypi" / "pkg-1.0.tar.gz" and path.read_bytes() == src.read_bytes()
     assert fetch_pinned_file(good, "file:///nonexistent", tmp_path / "dl") == path  # cached
 
 

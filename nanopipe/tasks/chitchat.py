@@ -19,8 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from nanopipe.data.offline_packages import PypiFile
-from nanopipe.tasks.base import Task, package_path, package_provenance, shuffled
+from nanopipe.data.offline_packages import PypiFile, package_path
+from nanopipe.tasks.base import Task, package_provenance, shuffled
 
 CHITCHAT = PypiFile(
     "chitchat-dataset", "0.9.0", "chitchat_dataset-0.9.0-py3-none-any.whl",

