@@ -17,14 +17,14 @@ pytestmark = pytest.mark.e2e
 # Small but real: the offline sample text, a 512-token vocab, shards of 256 documents.
 SMALL = ["tokenizer.vocab_size=512", "tokenizer.max_chars=400000", "tokenizer.heldout_docs=20",
          "data.source.max_chars=1500000", "data.docs_per_shard=256", "data.row_group_size=64"]
-STAGES = ["setup", "tokenizer", "data"]
+UNTRAINED = ["setup", "tokenizer", "data"]  # the stages before training: quick to build
 
 
 def env(**extra):
     return dict(os.environ, PYTHONPATH=os.getcwd(), **extra)
 
 
-def run_flow(store_url, overrides=(), force=(), stages=STAGES):
+def run_flow(store_url, overrides=(), force=(), stages=UNTRAINED):
     from flows.pipeline import pipeline, task_states
 
     state = pipeline(preset="tiny", overrides=SMALL + list(overrides), stages=stages, force=list(force),
