@@ -10,7 +10,8 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from nanopipe.config import load_config
-from nanopipe.stages import STAGES, plan_stages
+from nanopipe.dag import plan_stages
+from nanopipe.stages import STAGES
 from nanopipe.store import Store
 from flows.cache import result_storage
 from flows.stages import configured_task

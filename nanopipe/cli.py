@@ -22,8 +22,9 @@ import sys
 import time
 
 from nanopipe.config import ConfigError, load_config
+from nanopipe.dag import PlanError, plan_stages
 from nanopipe.lineage import closure
-from nanopipe.stages import STAGES, PlanError, plan_stages
+from nanopipe.stages import STAGES
 from nanopipe.store import Store, StoreError
 
 

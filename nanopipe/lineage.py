@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from nanopipe.stages import in_order
+from nanopipe.dag import in_order
 from nanopipe.store import Store, StoreError
 
 

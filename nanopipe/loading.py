@@ -10,9 +10,9 @@ import json
 
 import torch
 
+from nanopipe.dag import in_order
 from nanopipe.lineage import ancestor
 from nanopipe.model import GPT, GPTConfig, rotary_tables
-from nanopipe.stages import in_order
 from nanopipe.store import Store, StoreError
 from nanopipe.tokenizer import Tokenizer
 

@@ -23,7 +23,7 @@ import subprocess
 from dataclasses import dataclass, field
 
 from nanopipe import lineage
-from nanopipe.stages import in_order
+from nanopipe.dag import in_order
 from nanopipe.store import Store, output_digest
 
 MISSING = "-"

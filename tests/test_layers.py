@@ -14,8 +14,9 @@ The layers, top to bottom, and what may import what:
   - nanopipe.runner is imported at run time only by cli.py; a module may name its StageContext
     in annotations through `if TYPE_CHECKING:` (no import happens at run time);
   - no module imports a stage module (nanopipe.stages.<stage>): only the runner loads them;
-  - the package nanopipe.stages itself (the DAG: STAGES, plan_stages) may be imported by any
-    module, because its __init__ imports nothing, so reading the DAG never loads a stage.
+  - the package nanopipe.stages itself (the DAG, STAGES) may be imported by any module, because
+    its __init__ imports nothing, so reading the DAG never loads a stage; the code that reads it
+    (pipeline order, which stages a run executes) is the library module nanopipe.dag.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ def test_the_parser_sees_the_known_edges():
     edges = {(i.importer, i.target, i.lazy, i.typing_only) for i in ALL}
     assert ("nanopipe.cli", "flows.pipeline", True, False) in edges
     assert ("nanopipe.runner", "nanopipe.stages", False, False) in edges
+    assert ("nanopipe.dag", "nanopipe.stages", False, False) in edges
     assert ("nanopipe.stages.report", "nanopipe.runner", False, True) in edges
     assert ("nanopipe.__main__", "nanopipe.cli", False, False) in edges
     assert ("nanopipe.tasks", "nanopipe.tasks.smoltalk", False, False) in edges
@@ -131,6 +133,6 @@ def test_no_module_imports_a_stage_module():
     assert not bad, "\n".join(map(str, bad))
 
 
-def test_the_dag_module_imports_nothing():
-    """So `from nanopipe.stages import STAGES` in a library module never loads a stage."""
+def test_the_stage_registry_imports_nothing():
+    """So reading the DAG (`from nanopipe.stages import STAGES`, as nanopipe.dag does) never loads a stage."""
     assert imports_of(ROOT / "nanopipe" / "stages" / "__init__.py") == []
