@@ -199,6 +199,7 @@ def build_report(store: Store, manifests: dict[str, dict], git: dict | None = No
     """The report of the given committed stages (stage name -> manifest); any may be missing."""
     now = now or dt.datetime.now(dt.timezone.utc)
     stages = ordered(manifests)
+    verify_results(store, manifests)
     env = _setup_env(store, manifests.get("setup"))
     plots: dict[str, bytes] = {}
     out = [f"# nanopipe report\n\ngenerated {now.isoformat(timespec='seconds')} from "
@@ -216,6 +217,9 @@ def build_report(store: Store, manifests: dict[str, dict], git: dict | None = No
           ["GPUs", f"{len(gpus)} x {gpus[0]}" if gpus else ("none" if env else MISSING)],
           ["CUDA", env.get("cuda_version")],
           ["python", env.get("python", _first_version(stages, "python"))]]
+    roundtrip = manifests.get("setup", {}).get("metrics", {}).get("store_roundtrip_s")
+    if roundtrip is not None:  # measured by setup: a metric, so that it does not key the report
+        hw.append(["store round trip", f"{roundtrip * 1000:.1f} ms"])
     packages = env.get("packages") or {"torch": _first_version(stages, "torch"),
                                        "nanopipe": _first_version(stages, "nanopipe")}
     hw += [[name, version] for name, version in packages.items()]
@@ -284,6 +288,16 @@ def build_report(store: Store, manifests: dict[str, dict], git: dict | None = No
                        for s, m in stages},
             "plots": sorted(plots)}
     return Report("\n".join(out), plots, data)
+
+
+def verify_results(store: Store, manifests: dict[str, dict]) -> None:
+    """Check every result file (JSON, markdown) of the reported stages against its manifest: the
+    report's numbers come from those manifests, so a damaged result must stop it, naming the file.
+    Weights and shards are checked by the stages that load them and by `nanopipe verify`."""
+    for m in manifests.values():
+        for rel in sorted(_files(m)):
+            if rel.endswith((".json", ".md")):
+                store.read_bytes(m, rel)
 
 
 def _files(manifest: dict) -> set[str]:
@@ -362,17 +376,12 @@ def _node(m: dict) -> str:
 
 def committed_report(store: Store, cfg) -> dict:
     """The committed report manifest of a config, or a StoreError naming what is not built yet."""
-    from nanopipe.runner import lookup
+    from nanopipe.runner import committed
     from nanopipe.stages import STAGES
 
     if "report" not in STAGES:
         raise StoreError("this nanopipe has no report stage")
-    built: dict[str, dict] = {}
-    for name in STAGES:
-        if all(u in built for u in STAGES[name]):
-            _, m = lookup(store, cfg, name, {u: built[u] for u in STAGES[name]})
-            if m is not None:
-                built[name] = m
+    built = committed(store, cfg)
     if "report" not in built:
         missing = [s for s in STAGES if s not in built]
         raise StoreError(f"no committed report for preset {cfg.preset!r} (and these overrides) in {store.url}; "
