@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 
 VERSION = 1
 LAUNCH = "torchrun"
-CODE = ("nanopipe.eval.bpb", "nanopipe.eval.core", "nanopipe.eval.core_data", "nanopipe.data.loader",
-        "nanopipe.loading", "nanopipe.model", "nanopipe.engine")
+# Per-task timings of evaluate_core: manifest metrics, not core.json, whose bytes must depend only on
+# the model and the data (they key the stages downstream; a rerun must not change them).
+TIMINGS = ("seconds", "items_per_s")
 
 
 def prepare(cfg) -> None:
@@ -57,7 +58,7 @@ def run(ctx: "StageContext") -> dict:
                              batch_size=cfg.core_batch_size, log=log)
     log(f"[base_eval] {core['core_name']}: {core['core']:.4f} ({core['items_per_s']:.1f} items/s)")
     if d.is_master:
-        rows = [{"task": label, **r} for label, r in core["tasks"].items()]
+        rows = [{"task": label, **{k: v for k, v in r.items() if k not in TIMINGS}} for label, r in core["tasks"].items()]
         ctx.writer.write_json("core.json", {"core": core["core"], "core_name": core["core_name"], "tasks": rows,
                                             "missing_tasks": core["missing_tasks"], "max_examples": cfg.core_max_examples,
                                             "source": cfg.core_source,
@@ -66,6 +67,7 @@ def run(ctx: "StageContext") -> dict:
     d.close()
     return {"val_bpb": bpb, "core": core["core"], "core_name": core["core_name"], "core_tasks": len(core["tasks"]),
             "missing_tasks": core["missing_tasks"], "core_items_per_s": round(core["items_per_s"], 2),
+            "core_task_seconds": {label: round(r["seconds"], 2) for label, r in core["tasks"].items()},
             "samples": samples}
 
 
