@@ -91,6 +91,21 @@ def test_verify_reports_a_damaged_manifest_as_a_bad_file(tmp_path, capsys):
     assert "1 bad of 1 files" in out  # the tokenizer's file still checked
 
 
+def test_verify_reports_progress_on_long_work(tmp_path):
+    from nanopipe.verify import verify_store
+
+    store = Store(str(tmp_path / "store"))
+    w = store.writer("data", "d" * 64)
+    for i in range(3):
+        w.write_bytes(f"big{i}.bin", os.urandom(1 << 23))
+    w.commit(config={}, upstream={}, code_version="test", metrics={}, started_at=time.time())
+    seen = []
+    v = verify_store(store, jobs=1, on_progress=lambda *p: seen.append(p), every_s=0.001)
+    assert v.files == 3 and v.bytes == 3 << 23 and not v.bad
+    assert seen and all(of == 3 and total == 3 << 23 and done <= total for _, of, done, total in seen)
+    assert [done for _, _, done, _ in seen] == sorted(done for _, _, done, _ in seen)
+
+
 # ----- damaged manifests: one line naming the file, whichever command meets them -----
 
 def test_damaged_manifest_is_one_line_for_status_run_gc_and_artifacts(tmp_path, capsys):
@@ -218,6 +233,9 @@ def test_checkpoint_complete_marker_is_written_atomically(tmp_path, monkeypatch)
     assert os.listdir(ckpts._ckpt(2)) and COMPLETE not in os.listdir(ckpts._ckpt(2))
     assert not glob.glob(f"{ckpts._ckpt(2)}/*.tmp")
     assert ckpts.steps() == [1] and ckpts.load(d, 1, model, optimizers) == {"step": 1}
+    open(f"{ckpts._ckpt(1)}/{COMPLETE}", "w").write('{"model.pt": "ab')  # damaged another way: refused by name
+    with pytest.raises(IntegrityError, match=r"ckpt_000001/COMPLETE: not valid JSON"):
+        ckpts.load(d, 1, model, optimizers)
 
 
 # ----- readers verify: shards (once per process), report results -----

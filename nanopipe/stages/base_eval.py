@@ -10,12 +10,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from nanopipe import loading
-from nanopipe.data.loader import val_batches
 from nanopipe.engine import Engine
-from nanopipe.eval.bpb import evaluate_bpb
 from nanopipe.eval.core import evaluate_core
 from nanopipe.eval.core_data import load_core_tasks, offline_provenance
-from nanopipe.train.base import data_files, load_token_bytes, shard_path
+from nanopipe.train.base import load_token_bytes, val_bpb
 from nanopipe.train.common import init_distributed
 
 if TYPE_CHECKING:
@@ -41,12 +39,10 @@ def run(ctx: "StageContext") -> dict:
     model = loading.load_model(ctx.store, ctx.upstream["base_train"], d.device)
     seq = model.config.sequence_len
 
-    n_batches = max(1, cfg.eval_tokens // (cfg.device_batch_size * seq * d.world_size))
-    batches = val_batches(data_files(ctx, "val"), tok, cfg.device_batch_size, seq, d.rank, d.world_size,
-                          max_batches=n_batches, device=d.device, resolve=shard_path(ctx))
     with torch.no_grad(), d.autocast():
-        bpb = evaluate_bpb(model, batches, load_token_bytes(ctx).to(d.device), d.device)
-    log(f"[base_eval] val bpb {bpb:.4f} over {n_batches * cfg.device_batch_size * seq * d.world_size:,} tokens")
+        bpb, tokens = val_bpb(ctx, model, tok, load_token_bytes(ctx).to(d.device), d, cfg.device_batch_size, seq,
+                              cfg.eval_tokens)
+    log(f"[base_eval] val bpb {bpb:.4f} over {tokens:,} tokens")
 
     samples = sample_prompts(model, tok, cfg) if d.is_master else []
     for s in samples:

@@ -20,7 +20,7 @@ from nanopipe.eval.bpb import evaluate_bpb
 from nanopipe import loading
 from nanopipe.model import GPT, GPTConfig
 from nanopipe.tokenizer import Tokenizer
-from nanopipe.train.common import (LoopSpec, init_distributed, loop_metrics, loss_curve, save_model, supervised_step,
+from nanopipe.train.common import (Dist, LoopSpec, init_distributed, loop_metrics, loss_curve, save_model, supervised_step,
                                    train_loop)
 
 if TYPE_CHECKING:
@@ -49,6 +49,16 @@ def shard_path(ctx: "StageContext") -> Callable[[str], str]:
     return functools.partial(ctx.upstream_file, "data")
 
 
+def val_bpb(ctx: "StageContext", fwd, tok, token_bytes: torch.Tensor, d: Dist, B: int, T: int,
+            eval_tokens: int) -> tuple[float, int]:
+    """Bits per byte on the data stage's validation shards, over about eval_tokens tokens shared by the
+    ranks (base_train's evaluation and base_eval's): (bpb, tokens evaluated). Call under no_grad."""
+    n = max(1, eval_tokens // (B * T * d.world_size))
+    batches = val_batches(data_files(ctx, "val"), tok, B, T, d.rank, d.world_size, max_batches=n, device=d.device,
+                          resolve=shard_path(ctx))
+    return evaluate_bpb(fwd, batches, token_bytes, d.device), n * B * T * d.world_size
+
+
 def horizon(cfg, num_params: int, flops_per_token: float) -> int:
     """Steps to train: explicit, from a FLOP budget, or from tokens per parameter (Chinchilla: 20)."""
     if cfg.num_iterations > 0:
@@ -65,7 +75,7 @@ def train(ctx: "StageContext") -> dict:
 
     tok = load_tokenizer(ctx)
     token_bytes = load_token_bytes(ctx).to(d.device)
-    train_files, val_files, resolve = data_files(ctx, "train"), data_files(ctx, "val"), shard_path(ctx)
+    train_files = data_files(ctx, "train")
 
     mcfg = GPTConfig.from_depth(cfg.depth, tok.vocab_size, cfg.sequence_len, cfg.head_dim, cfg.n_kv_head)
     with torch.device("meta"):
@@ -92,14 +102,11 @@ def train(ctx: "StageContext") -> dict:
                     cfg.final_lr_frac, cfg.eval_every, cfg.checkpoint_every, cfg.keep_checkpoints, "val_bpb")
 
     def evaluate(step: int) -> tuple[float, str]:
-        n = max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.sequence_len * d.world_size))
-        batches = val_batches(val_files, tok, cfg.device_batch_size, cfg.sequence_len, d.rank, d.world_size,
-                              max_batches=n, device=d.device, resolve=resolve)
-        bpb = evaluate_bpb(fwd, batches, token_bytes, d.device)
+        bpb, _ = val_bpb(ctx, fwd, tok, token_bytes, d, cfg.device_batch_size, cfg.sequence_len, cfg.eval_tokens)
         return bpb, f"val_bpb {bpb:.4f}"
 
     with DataLoader(train_files, tok, cfg.device_batch_size, cfg.sequence_len, rank=d.rank, world_size=d.world_size,
-                    device=d.device, resolve=resolve) as batches:
+                    device=d.device, resolve=shard_path(ctx)) as batches:
         state = train_loop(ctx, d, spec, model, optimizers, supervised_step(d, fwd, batches, grad_accum), evaluate,
                            log, data=batches)
     metrics = {**loop_metrics(spec, state, d), "params": num_params, "flops_per_token": flops_per_token}

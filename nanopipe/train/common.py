@@ -208,7 +208,11 @@ class Checkpoints:
 
     def _read(self, step: int, name: str) -> bytes:
         path = self._ckpt(step)
-        digests = json.loads(self.fs.cat_file(posixpath.join(path, COMPLETE)))
+        try:
+            digests = json.loads(self.fs.cat_file(posixpath.join(path, COMPLETE)))
+        except ValueError as e:
+            raise IntegrityError(f"{self.store.url_of(posixpath.join(path, COMPLETE))}: not valid JSON ({e}); "
+                                 "the checkpoint is damaged and will not be loaded") from None
         if name not in digests:
             raise IntegrityError(f"{self.store.url_of(path)}: checkpoint has no {name} (saved with another world size?)")
         data = self.fs.cat_file(posixpath.join(path, name))
