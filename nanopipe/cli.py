@@ -5,12 +5,15 @@
     nanopipe status [--json]           each stage of a config: built or not, key, metrics, age
     nanopipe artifacts ls|show KEY     browse the store: manifests, lineage, files
     nanopipe gc [--yes]                remove unfinished and unreferenced stage dirs (dry run by default)
+    nanopipe verify [STAGE ...]        check every committed file of the store against its manifest
     nanopipe report                    print the committed report of a config
     nanopipe chat [-p PROMPT]          talk to a model from the store in the terminal
     nanopipe serve [--port 8000]       web chat UI + OpenAI-compatible API for a model from the store
     nanopipe ui                        local Prefect server, work pools, workers and deployments
 
-Bad configs and unknown stage names print one line and exit with status 2, before any work.
+Bad configs, unknown stage names and damaged manifests print one line and exit with status 2,
+before any work; a store that cannot be written while `run`/`stage` work (full disk, read-only) is
+one line and status 1.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import sys
 import time
 
 from nanopipe.config import ConfigError, load_config
-from nanopipe.dag import PlanError, plan_stages
+from nanopipe.dag import PlanError, check_names, plan_stages
+from nanopipe.launch import LaunchError
 from nanopipe.lineage import closure
 from nanopipe.stages import STAGES
 from nanopipe.store import Store, StoreError
@@ -72,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", action="store_true", help="really delete (default: dry run)")
     p.add_argument("--min-age", type=float, default=3600, help="leave unfinished dirs younger than this (s)")
 
+    p = sub.add_parser("verify", help="check every committed file of the store against its manifest")
+    p.add_argument("stages", nargs="*", metavar="STAGE", help="only these stages (default: every committed stage dir)")
+    p.add_argument("--store")
+    p.add_argument("--jobs", type=int, default=8, help="files hashed in parallel (default 8)")
+
     p = sub.add_parser("report", help="print the committed report of a config (builds nothing)")
     _common(p)
 
@@ -107,31 +116,52 @@ def main(argv: list[str] | None = None) -> None:
             order = plan_stages(_split(args.stages) or None, _split(args.force))
         elif args.cmd == "stage":
             order = plan_stages([args.name], [args.name] if args.force else [])
+        elif args.cmd == "verify":
+            check_names(args.stages, "stage")
         store = Store(args.store)
+        if args.cmd in ("run", "stage"):
+            force = _split(args.force) if args.cmd == "run" else ([args.name] if args.force else [])
+            _preflight(store, cfg, order, force)
     except (ConfigError, PlanError, StoreError, ValueError) as e:
         print(f"nanopipe: error: {e}", file=sys.stderr)
         sys.exit(2)
 
-    if args.cmd == "run" and not args.no_prefect:
-        _run_prefect(args, store)
-    elif args.cmd in ("run", "stage"):
-        from nanopipe.runner import run_pipeline
+    try:
+        if args.cmd == "run" and not args.no_prefect:
+            _run_prefect(args, store)
+        elif args.cmd in ("run", "stage"):
+            from nanopipe.runner import run_pipeline
 
-        t0 = time.time()
-        force = _split(args.force) if args.cmd == "run" else ([args.name] if args.force else [])
-        done = run_pipeline(store, cfg, order, force)
-        _print_summary({k: m for k, (m, _) in done.items()},
-                       {k: "Reused" if r else "Built" for k, (_, r) in done.items()}, time.time() - t0)
-    elif args.cmd == "status":
-        _status(store, cfg, args.json)
-    elif args.cmd == "artifacts":
-        _artifacts(store, args)
-    elif args.cmd == "gc":
-        _gc(store, cfg, args)
-    elif args.cmd == "report":
-        _report(store, cfg)
-    else:
-        _other(args)
+            t0 = time.time()
+            done = run_pipeline(store, cfg, order, force)
+            _print_summary({k: m for k, (m, _) in done.items()},
+                           {k: "Reused" if r else "Built" for k, (_, r) in done.items()}, time.time() - t0)
+        elif args.cmd == "status":
+            _status(store, cfg, args.json)
+        elif args.cmd == "artifacts":
+            _artifacts(store, args)
+        elif args.cmd == "gc":
+            _gc(store, cfg, args)
+        elif args.cmd == "report":
+            _report(store, cfg)
+        elif args.cmd == "verify":
+            from nanopipe.verify import verify_main
+
+            sys.exit(verify_main(args.store, args.stages, args.jobs))
+        else:
+            _other(args)
+    except (StoreError, LaunchError) as e:
+        # A store that cannot be written or read back, a failed training process: its message, no traceback.
+        print(f"nanopipe: error: {e}", file=sys.stderr)
+        sys.exit(1 if args.cmd in ("run", "stage") else 2)
+
+
+def _preflight(store: Store, cfg, order: list[str], force: list[str]) -> None:
+    """Read every committed manifest the run would reuse (all that can be known before it starts),
+    so a damaged one stops it here, before any work; a forced stage's is not read (it is rebuilt)."""
+    from nanopipe.runner import committed
+
+    committed(store, cfg, order, skip=force)
 
 
 def _other(args) -> None:
@@ -236,10 +266,15 @@ def _artifacts(store: Store, args) -> None:
 
     try:
         if args.acmd == "ls":
-            for m in store.manifests(args.stage):
+            bad: list[tuple[str, str]] = []
+            for m in store.manifests(args.stage, bad=bad):
                 ups = " ".join(f"{k}:{v['key'][:8]}" for k, v in m["upstream"].items())
                 print(f"{m['stage']:<12} {m['key'][:16]}  {m['created_at']}  {len(m['files']):>4} files  "
                       f"{_brief(m['metrics'], 3)}  {('<- ' + ups) if ups else ''}")
+            for path, problem in bad:
+                print(f"BAD {store.url_of(path)}: {problem}")
+            if bad:
+                sys.exit(1)
         else:
             m = store.find(args.key.split("/")[-1])
             print(json.dumps({k: v for k, v in m.items() if k != "files"}, indent=1))

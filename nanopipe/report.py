@@ -194,6 +194,7 @@ def build_report(store: Store, manifests: dict[str, dict], git: dict | None = No
     """The report of the given committed stages (stage name -> manifest); any may be missing."""
     now = now or dt.datetime.now(dt.timezone.utc)
     stages = ordered(manifests)
+    verify_results(store, manifests)
     env = _setup_env(store, manifests.get("setup"))
     plots: dict[str, bytes] = {}
     out = [f"# nanopipe report\n\ngenerated {now.isoformat(timespec='seconds')} from "
@@ -211,6 +212,9 @@ def build_report(store: Store, manifests: dict[str, dict], git: dict | None = No
           ["GPUs", f"{len(gpus)} x {gpus[0]}" if gpus else ("none" if env else MISSING)],
           ["CUDA", env.get("cuda_version")],
           ["python", env.get("python", _first_version(stages, "python"))]]
+    roundtrip = manifests.get("setup", {}).get("metrics", {}).get("store_roundtrip_s")
+    if roundtrip is not None:  # measured by setup: a metric, so that it does not key the report
+        hw.append(["store round trip", f"{roundtrip * 1000:.1f} ms"])
     packages = env.get("packages") or {"torch": _first_version(stages, "torch"),
                                        "nanopipe": _first_version(stages, "nanopipe")}
     hw += [[name, version] for name, version in packages.items()]
@@ -279,6 +283,16 @@ def build_report(store: Store, manifests: dict[str, dict], git: dict | None = No
                        for s, m in stages},
             "plots": sorted(plots)}
     return Report("\n".join(out), plots, data)
+
+
+def verify_results(store: Store, manifests: dict[str, dict]) -> None:
+    """Check every result file (JSON, markdown) of the reported stages against its manifest: the
+    report's numbers come from those manifests, so a damaged result must stop it, naming the file.
+    Weights and shards are checked by the stages that load them and by `nanopipe verify`."""
+    for m in manifests.values():
+        for rel in sorted(_files(m)):
+            if rel.endswith((".json", ".md")):
+                store.read_bytes(m, rel)
 
 
 def _files(manifest: dict) -> set[str]:

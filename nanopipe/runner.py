@@ -30,9 +30,9 @@ from pydantic import BaseModel
 
 from nanopipe.config import RunConfig
 from nanopipe.faults import reset_faults
-from nanopipe.launch import run_streaming, torchrun_command, training_env
+from nanopipe.launch import LaunchError, run_streaming, torchrun_command, training_env
 from nanopipe.stages import STAGES
-from nanopipe.store import Store, StageWriter, StoreError, output_digest, stage_key
+from nanopipe.store import Store, StageWriter, StoreError, output_digest, stage_key, writing
 
 Log = Callable[[str], None]
 
@@ -73,7 +73,7 @@ def code_version(name: str) -> str:
     """Explicit per-stage VERSION plus a hash of the source of the stage and the modules it lists."""
     mod = stage_module(name)
     h = hashlib.sha256()
-    for modname in (mod.__name__, *mod.CODE):
+    for modname in (mod.__name__, *getattr(mod, "CODE", ())):
         spec = importlib.util.find_spec(modname)
         if spec is None or not spec.origin:
             raise StageError(f"stage {name}: CODE lists {modname!r}, which cannot be found")
@@ -97,12 +97,25 @@ def lookup(store: Store, cfg: RunConfig, name: str, upstream: dict[str, dict]) -
     return key, store.manifest(name, key)
 
 
+def committed(store: Store, cfg: RunConfig, order=STAGES, skip=()) -> dict[str, dict]:
+    """The committed manifests of a config's stages (of `order`, but `skip`), as far as they can be
+    known without building anything: a stage whose upstream is not built has no key yet."""
+    built: dict[str, dict] = {}
+    for name in order:
+        if name not in skip and all(u in built for u in STAGES[name]):
+            _, m = lookup(store, cfg, name, {u: built[u] for u in STAGES[name]})
+            if m is not None:
+                built[name] = m
+    return built
+
+
 def run_stage(store: Store, cfg: RunConfig, name: str, upstream: dict[str, dict],
               force: bool = False, log: Log = print) -> tuple[dict, bool]:
     """Return (manifest, reused). Reuses the committed output unless force; else runs the stage."""
     mod = stage_module(name)
-    key, manifest = lookup(store, cfg, name, upstream)
-    if manifest is not None and not force:
+    key = compute_key(cfg, name, upstream)
+    manifest = None if force else store.manifest(name, key)  # a forced stage's manifest is not read: it may be damaged
+    if manifest is not None:
         return manifest, True
     if force:
         # A forced rerun starts from scratch: drop the old output and any resume state.
@@ -147,12 +160,16 @@ def run_pipeline(store: Store, cfg: RunConfig, order: list[str], force: list[str
 
 # ---- torchrun stages: the parent writes a launch spec, the child runs the body and commits ----
 
+ERROR_PREFIX = "nanopipe: error: "
+
+
 def launch_child(store: Store, cfg: RunConfig, name: str, key: str, upstream: dict[str, dict], log: Log) -> dict:
     section = getattr(cfg, name)
     writer = store.writer(name, key)
-    store.fs.makedirs(writer.work, exist_ok=True)
     spec = {"stage": name, "key": key, "config": section.model_dump(mode="json"), "upstream": upstream}
-    store.fs.pipe_file(store.launch_spec_path(name, key), json.dumps(spec).encode())
+    with writing(store.url_of(writer.work)):
+        store.fs.makedirs(writer.work, exist_ok=True)
+        store.fs.pipe_file(store.launch_spec_path(name, key), json.dumps(spec).encode())
     cmd = torchrun_command(
         "nanopipe.runner", ["--store", store.url, "--stage", name, "--key", key],
         nproc_per_node=section.nproc_per_node, nnodes=section.nnodes, rdzv_endpoint=section.rdzv_endpoint,
@@ -163,6 +180,12 @@ def launch_child(store: Store, cfg: RunConfig, name: str, key: str, upstream: di
     log(f"[{name}] launching: {' '.join(cmd[2:])}")
     try:
         run_streaming(cmd, log_path, on_line=log, env=training_env())
+    except LaunchError as e:
+        # The child's one-line store error (full disk, read-only store, damaged input) is the error here too.
+        said = [line.split(ERROR_PREFIX, 1)[1].strip() for line in e.tail if ERROR_PREFIX in line]
+        if said:
+            raise StoreError(f"{said[-1]} (stage {name}; full log: {log_path})") from None
+        raise
     finally:
         if not store.is_local:  # keep the full log beside the stage's outputs (not part of the manifest)
             store.fs.put_file(log_path, store.launch_log_path(name, key))
@@ -191,7 +214,11 @@ def child_main(argv: list[str] | None = None) -> None:
     config = model_cls.model_validate(spec["config"])
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     log = print if rank == 0 else (lambda s: None)
-    execute(store, a.stage, a.key, config, spec["upstream"], log=log, rank=rank, world_size=world)
+    try:
+        execute(store, a.stage, a.key, config, spec["upstream"], log=log, rank=rank, world_size=world)
+    except StoreError as e:  # one line the parent can show as it is (see launch_child)
+        print(f"{ERROR_PREFIX}{e}", flush=True)
+        sys.exit(1)
     sys.stdout.flush()
 
 

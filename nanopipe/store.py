@@ -27,17 +27,19 @@ its config section and the identities of its upstream outputs (see ``stage_key``
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
 import posixpath
 import socket
 import tempfile
+import threading
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -57,7 +59,29 @@ class StoreError(RuntimeError):
 
 
 class IntegrityError(StoreError):
-    """A committed file does not match the sha256 recorded in its manifest."""
+    """A committed file does not match the sha256 recorded in its manifest, or a manifest is unreadable."""
+
+
+# Errors of the OS that mean "the store cannot be written": what to tell the user about each.
+_WRITE_ERRORS = {
+    errno.ENOSPC: "no space left on the device; free some (e.g. `nanopipe gc --yes`) or use another --store, "
+                  "then rerun: committed stages and checkpoints are kept",
+    errno.EDQUOT: "disk quota exceeded; free some space or use another --store, then rerun",
+    errno.EROFS: "the store is on a read-only file system; use a writable --store (or $NANOPIPE_STORE)",
+    errno.EACCES: "permission denied; use a store you can write (--store or $NANOPIPE_STORE) or fix its permissions",
+    errno.EPERM: "operation not permitted; use a store you can write (--store or $NANOPIPE_STORE)",
+}
+
+
+@contextmanager
+def writing(where: str) -> Iterator[None]:
+    """Turn a full disk or an unwritable store into a StoreError naming the path and what to do."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _WRITE_ERRORS:
+            raise
+        raise StoreError(f"cannot write {where}: {_WRITE_ERRORS[e.errno]} ({e.strerror or e})") from e
 
 
 def cache_dir() -> Path:
@@ -114,13 +138,54 @@ def output_digest(manifest: dict) -> str:
     return hashlib.sha256(canonical_json([manifest["stage"], files]).encode()).hexdigest()
 
 
-def sha256_file(fs, path: str) -> tuple[str, int]:
+def sha256_file(fs, path: str, on_bytes: Callable[[int], None] | None = None) -> tuple[str, int]:
+    """(sha256 hex, size) of a file; on_bytes(n) is told of every chunk read (progress)."""
     h, n = hashlib.sha256(), 0
     with fs.open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
             n += len(chunk)
+            if on_bytes:
+                on_bytes(len(chunk))
     return h.hexdigest(), n
+
+
+def _problem(entry: dict, digest: str, size: int) -> str | None:
+    """What is wrong with a file whose content hashed to (digest, size), given its manifest entry; None if intact."""
+    if size != entry["bytes"]:
+        return f"wrong size (manifest {entry['bytes']:,} B, found {size:,} B)"
+    if digest != entry["sha256"]:
+        return f"sha256 mismatch (manifest {entry['sha256'][:12]}…, found {digest[:12]}…)"
+    return None
+
+
+_MANIFEST_FIELDS = {"stage": str, "key": str, "files": list, "upstream": dict, "metrics": dict, "timings": dict,
+                    "created_at": str}
+_FILE_FIELDS = {"path": str, "bytes": int, "sha256": str}
+
+
+def parse_manifest(data: bytes) -> tuple[dict | None, str | None]:
+    """(manifest, None), or (None, what is wrong) for bytes that are not a stage manifest."""
+    try:
+        m = json.loads(data)
+    except ValueError as e:  # not JSON (truncated, overwritten), or not even text
+        return None, f"manifest is not valid JSON ({e})"
+    if not isinstance(m, dict):
+        return None, f"manifest is a JSON {type(m).__name__}, not an object"
+    for name, kind in _MANIFEST_FIELDS.items():
+        if not isinstance(m.get(name), kind):
+            return None, f"manifest field {name!r} is missing or not a {kind.__name__}"
+    for f in m["files"]:
+        if not isinstance(f, dict) or not all(isinstance(f.get(k), t) for k, t in _FILE_FIELDS.items()):
+            return None, f"manifest has a malformed files entry: {json.dumps(f)[:80]}"
+    return m, None
+
+
+# Committed files this process has hashed: local path -> (sha256, size, mtime_ns) they matched.
+# A large file (a shard, a checkpoint) is verified once per process, not on every read.
+_verified: dict[str, tuple[str, int, int]] = {}
+_verify_locks: dict[str, threading.Lock] = {}
+_verify_locks_guard = threading.Lock()
 
 
 class Store:
@@ -191,16 +256,27 @@ class Store:
             os.makedirs(path, exist_ok=True)
 
     # ----- reading -----
+    def _read_manifest(self, stage_dir: str) -> tuple[dict | None, str | None]:
+        """(manifest, None); (None, None) if the dir holds no manifest; (None, problem) if it is damaged."""
+        try:
+            data = self.fs.cat_file(posixpath.join(stage_dir, MANIFEST))
+        except FileNotFoundError:
+            return None, None
+        return parse_manifest(data)
+
+    def _damaged(self, stage_dir: str, problem: str) -> IntegrityError:
+        stage = posixpath.basename(posixpath.dirname(stage_dir))
+        return IntegrityError(f"{self.url_of(posixpath.join(stage_dir, MANIFEST))}: {problem}; "
+                              f"rebuild it with `--force {stage}` or remove {self.url_of(stage_dir)}")
+
     def manifest(self, stage: str, key: str) -> dict | None:
         """The committed manifest of (stage, key), or None if it was never committed."""
         path = posixpath.join(self.stage_dir(stage, key), MANIFEST)
-        try:
-            with self.fs.open(path, "rb") as f:
-                m = json.load(f)
-        except FileNotFoundError:
+        m, problem = self._read_manifest(self.stage_dir(stage, key))
+        if problem:
+            raise self._damaged(self.stage_dir(stage, key), problem)
+        if m is None:
             return None
-        except json.JSONDecodeError as e:
-            raise IntegrityError(f"{self.url_of(path)}: manifest is not valid JSON ({e})") from e
         if m.get("key") != key or m.get("stage") != stage:
             raise IntegrityError(f"{self.url_of(path)}: manifest belongs to {m.get('stage')}/{m.get('key')}, not {stage}/{key}")
         return m
@@ -217,13 +293,10 @@ class Store:
         return posixpath.join(self.stage_dir(manifest["stage"], manifest["key"]), rel)
 
     def _check(self, manifest: dict, rel: str, digest: str, size: int) -> None:
-        entry = self._file_entry(manifest, rel)
-        if digest != entry["sha256"] or size != entry["bytes"]:
-            raise IntegrityError(
-                f"{self.url_of(self.path_of(manifest, rel))}: sha256 mismatch "
-                f"(manifest {entry['sha256'][:12]}…/{entry['bytes']} B, found {digest[:12]}…/{size} B); "
-                "the file was changed or corrupted after it was committed"
-            )
+        problem = _problem(self._file_entry(manifest, rel), digest, size)
+        if problem:
+            raise IntegrityError(f"{self.url_of(self.path_of(manifest, rel))}: {problem}; "
+                                 "the file was changed or corrupted after it was committed")
 
     def read_bytes(self, manifest: dict, rel: str) -> bytes:
         """Read a committed file, verifying its sha256 against the manifest."""
@@ -233,32 +306,49 @@ class Store:
         return data
 
     def local_path(self, manifest: dict, rel: str, verify: bool = True) -> str:
-        """A verified local file path for a committed file (downloaded to the cache for remote stores)."""
+        """A verified local file path for a committed file (downloaded to the cache for remote stores).
+
+        The file is hashed the first time this process asks for it (and again if it changes on
+        disk), so callers may ask for it on every read."""
+        entry = self._file_entry(manifest, rel)
         path = self.path_of(manifest, rel)
         if self.is_local:
             local = path
         else:
-            entry = self._file_entry(manifest, rel)
             local = str(cache_dir() / "remote" / entry["sha256"][:2] / f"{entry['sha256']}{Path(rel).suffix}")
             if not os.path.exists(local):
-                os.makedirs(os.path.dirname(local), exist_ok=True)
-                tmp = f"{local}.{uuid.uuid4().hex}.tmp"
-                self.fs.get_file(path, tmp)
-                os.replace(tmp, local)
+                with writing(local):
+                    os.makedirs(os.path.dirname(local), exist_ok=True)
+                    tmp = f"{local}.{uuid.uuid4().hex}.tmp"
+                    self.fs.get_file(path, tmp)
+                    os.replace(tmp, local)
         if verify:
-            digest, size = sha256_file(fsspec.filesystem("file"), local)
-            self._check(manifest, rel, digest, size)
+            st = os.stat(local)
+            stamp = (entry["sha256"], st.st_size, st.st_mtime_ns)
+            with _verify_locks_guard:
+                lock = _verify_locks.setdefault(local, threading.Lock())
+            with lock:  # threads reading one shard wait for one hash, not one each
+                if _verified.get(local) != stamp:
+                    digest, size = sha256_file(fsspec.filesystem("file"), local)
+                    self._check(manifest, rel, digest, size)
+                    _verified[local] = stamp
         return local
+
+    def file_problem(self, manifest: dict, entry: dict, on_bytes: Callable[[int], None] | None = None) -> str | None:
+        """Hash one committed file (every byte, no memo): "missing", "wrong size …", "sha256 mismatch …" or None."""
+        try:
+            digest, size = sha256_file(self.fs, self.path_of(manifest, entry["path"]), on_bytes)
+        except FileNotFoundError:
+            return "missing"
+        return _problem(entry, digest, size)
 
     def verify(self, manifest: dict) -> list[str]:
         """Check every file of a manifest; returns the problems found (empty when intact)."""
         problems = []
         for f in manifest["files"]:
-            try:
-                digest, size = sha256_file(self.fs, self.path_of(manifest, f["path"]))
-                self._check(manifest, f["path"], digest, size)
-            except (IntegrityError, FileNotFoundError) as e:
-                problems.append(str(e))
+            problem = self.file_problem(manifest, f)
+            if problem:
+                problems.append(f"{self.url_of(self.path_of(manifest, f['path']))}: {problem}")
         return problems
 
     # ----- listing -----
@@ -277,23 +367,32 @@ class Store:
             return []
         return sorted(e["name"].rstrip("/") for e in entries if e["type"] == "directory")
 
-    def manifests(self, stage: str | None = None) -> list[dict]:
-        """All committed manifests (of one stage or all), oldest first."""
+    def manifests(self, stage: str | None = None, bad: list[tuple[str, str]] | None = None) -> list[dict]:
+        """All committed manifests (of one stage or all), oldest first.
+
+        A damaged manifest raises IntegrityError naming it; given a `bad` list, it is appended
+        there as (manifest path, problem) and skipped instead."""
         out = []
         for s in [stage] if stage else self.stages():
             for d in self.stage_dirs(s):
-                try:
-                    with self.fs.open(posixpath.join(d, MANIFEST), "rb") as f:
-                        out.append(json.load(f))
-                except FileNotFoundError:
-                    continue
-        return sorted(out, key=lambda m: m.get("created_at", ""))
+                m, problem = self._read_manifest(d)
+                if problem and bad is None:
+                    raise self._damaged(d, problem)
+                if problem:
+                    bad.append((posixpath.join(d, MANIFEST), problem))
+                elif m is not None:
+                    out.append(m)
+        return sorted(out, key=lambda m: m["created_at"])
 
     def find(self, key_prefix: str) -> dict:
         """The manifest whose key starts with key_prefix (at least 6 hex chars)."""
         if len(key_prefix) < 6:
             raise StoreError("give at least 6 characters of a key")
-        hits = [m for m in self.manifests() if m["key"].startswith(key_prefix)]
+        bad: list[tuple[str, str]] = []
+        hits = [m for m in self.manifests(bad=bad) if m["key"].startswith(key_prefix)]
+        damaged = [p for p, _ in bad if posixpath.basename(posixpath.dirname(p)).startswith(key_prefix[:16])]
+        if damaged:
+            raise self._damaged(posixpath.dirname(damaged[0]), dict(bad)[damaged[0]])
         if not hits:
             raise StoreError(f"no committed stage with key {key_prefix!r} in {self.url}")
         if len(hits) > 1:
@@ -324,16 +423,37 @@ class Store:
 
     def remove(self, path: str) -> None:
         if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
+            with writing(self.url_of(path)):
+                self.fs.rm(path, recursive=True)
+
+    def atomic_put(self, path: str, data: bytes) -> None:
+        """Write a whole file so that readers see all of it or nothing: on a local disk a temp
+        name, fsync, then rename; on object stores one PUT (atomic there)."""
+        with writing(self.url_of(path)):
+            if not self.is_local:
+                self.fs.pipe_file(path, data)
+                return
+            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with suppress(OSError):
+                    os.remove(tmp)
+                raise
 
     def check_writable(self) -> float:
         """Round-trip a small object through the store; returns the seconds it took."""
         t0 = time.time()
         probe = posixpath.join(self.root, "_probe", f"{socket.gethostname()}-{uuid.uuid4().hex}")
-        self.fs.makedirs(posixpath.dirname(probe), exist_ok=True)
-        self.fs.pipe_file(probe, b"ok")
-        ok = self.fs.cat_file(probe) == b"ok"
-        self.fs.rm(probe)
+        with writing(self.url_of(probe)):
+            self.fs.makedirs(posixpath.dirname(probe), exist_ok=True)
+            self.fs.pipe_file(probe, b"ok")
+            ok = self.fs.cat_file(probe) == b"ok"
+            self.fs.rm(probe)
         if not ok:
             raise StoreError(f"{self.url}: wrote a probe object but read back something else")
         return time.time() - t0
@@ -347,7 +467,8 @@ class StageWriter:
         self.dir = store.stage_dir(stage, key)
         self.work = store.work_dir(stage, key)
         self.files: dict[str, dict] = {}
-        store.fs.makedirs(self.dir, exist_ok=True)
+        with writing(store.url_of(self.dir)):
+            store.fs.makedirs(self.dir, exist_ok=True)
 
     def path(self, rel: str) -> str:
         _check_rel(rel)
@@ -361,8 +482,9 @@ class StageWriter:
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         path = self.path(rel)
-        self.store.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        _atomic_put(self.store, path, data)
+        with writing(self.store.url_of(path)):
+            self.store.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        self.store.atomic_put(path, data)
         self._record(rel, hashlib.sha256(data).hexdigest(), len(data))
 
     def write_json(self, rel: str, obj: Any) -> None:
@@ -372,11 +494,12 @@ class StageWriter:
         """Upload (or, on a local store, move into place) a finished local file."""
         path = self.path(rel)
         digest, size = sha256_file(fsspec.filesystem("file"), str(local))
-        self.store.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        if self.store.is_local:
-            os.replace(local, path)
-        else:
-            self.store.fs.put_file(str(local), path)
+        with writing(self.store.url_of(path)):
+            self.store.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            if self.store.is_local:
+                os.replace(local, path)
+            else:
+                self.store.fs.put_file(str(local), path)
         self._record(rel, digest, size)
 
     def adopt(self, rel: str) -> None:
@@ -391,11 +514,13 @@ class StageWriter:
     def local_tmp(self, suffix: str = "") -> Iterator[str]:
         """A local temp file path to build an output in before put_file (removed if unused)."""
         base = self.work if self.store.is_local else str(cache_dir() / "tmp")
-        os.makedirs(base, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=suffix, dir=base)
+        with writing(base):
+            os.makedirs(base, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=suffix, dir=base)
         os.close(fd)
         try:
-            yield tmp
+            with writing(tmp):  # the caller fills it (e.g. pyarrow): a full disk shows up here
+                yield tmp
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -422,23 +547,10 @@ class StageWriter:
             "created_at": _iso(finished),
             **(extra or {}),
         }
-        _atomic_put(self.store, posixpath.join(self.dir, MANIFEST),
-                    (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
-        if self.store.fs.exists(self.work):
-            self.store.fs.rm(self.work, recursive=True)
+        self.store.atomic_put(posixpath.join(self.dir, MANIFEST),
+                              (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+        self.store.remove(self.work)
         return manifest
-
-
-def _atomic_put(store: Store, path: str, data: bytes) -> None:
-    if store.is_local:
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    else:
-        store.fs.pipe_file(path, data)
 
 
 def _stage_rel(stage: str, key: str) -> str:

@@ -1,7 +1,9 @@
 """Tokenizing, rank-sharded, exactly resumable data loader over parquet shards.
 
 Input: parquet shards with a `text` column (the data stage writes row groups of
-1,024 documents), given as local paths or fsspec URLs.
+1,024 documents), given as local paths or fsspec URLs, or as names that a `resolve`
+function turns into paths each time a shard is opened (the stages pass the store's
+verified read, so a shard is checked against its manifest before its first use).
 
 Sharding: the row groups of all shards, in order, form one global sequence;
 rank r of W takes row groups r, r+W, r+2W, ... so ranks see disjoint data. When
@@ -28,6 +30,7 @@ the consumer (tiktoken releases the GIL), so training never waits on it.
 import itertools
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
 
 import fsspec
 import numpy as np
@@ -57,15 +60,16 @@ def _read_and_tokenize(path: str, row_group: int, tokenizer) -> np.ndarray:
 class _RowGroupWalker:
     """Walks this rank's row groups (global stride world_size) across shards and epochs."""
 
-    def __init__(self, files: list[str], rank: int, world_size: int):
+    def __init__(self, files: list[str], rank: int, world_size: int, resolve: Callable[[str], str]):
         self.files = files
         self.rank = rank
         self.world_size = world_size
+        self.resolve = resolve
         self._counts: dict[int, int] = {}  # shard -> number of row groups, read lazily
 
     def num_row_groups(self, shard: int) -> int:
         if shard not in self._counts:
-            path = self.files[shard]
+            path = self.resolve(self.files[shard])
             with fsspec.open(path, "rb") as f:
                 pf = pq.ParquetFile(f)
                 schema = pf.schema_arrow
@@ -108,6 +112,7 @@ class DataLoader:
     """Infinite iterator of (inputs, targets) torch.long tensors of shape (B, T) on `device`.
 
     files: parquet shard paths or fsspec URLs, read in this order.
+    resolve: name in `files` -> the path to open, called whenever a shard is opened (default: as is).
     tokenizer: anything with `encode(list[str], prepend=bos_id) -> list[list[int]]` and `bos_id`.
     resume_state: a dict from `state_dict()`; the first batch is then the one that
         would have come next in the run that saved it.
@@ -118,7 +123,8 @@ class DataLoader:
 
     def __init__(self, files, tokenizer, B: int, T: int, rank: int = 0, world_size: int = 1,
                  device: str | torch.device = "cpu", resume_state: dict | None = None,
-                 max_epochs: int | None = None, threads: int = 2, prefetch: int = 4):
+                 max_epochs: int | None = None, threads: int = 2, prefetch: int = 4,
+                 resolve: Callable[[str], str] = str):
         files = [str(f) for f in files]
         if not files:
             raise ValueError("DataLoader needs at least one shard file, got an empty list")
@@ -137,7 +143,7 @@ class DataLoader:
         self.device = torch.device(device)
         self.max_epochs = max_epochs
         self.prefetch = prefetch
-        self._walker = _RowGroupWalker(files, rank, world_size)
+        self._walker = _RowGroupWalker(files, rank, world_size, resolve)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="nanopipe-tokenize")
         self._pending: deque[tuple[Position, Future]] = deque()  # submitted row groups, in stream order
         self._chunks: deque[tuple[Position, np.ndarray]] = deque()  # tokenized row groups not yet consumed
@@ -193,7 +199,8 @@ class DataLoader:
     def _fill(self) -> None:
         while len(self._pending) < self.prefetch and not self._exhausted(self._next_submit):
             pos = self._next_submit
-            future = self._pool.submit(_read_and_tokenize, self.files[pos[1]], pos[2], self.tokenizer)
+            future = self._pool.submit(_read_and_tokenize, self._walker.resolve(self.files[pos[1]]), pos[2],
+                                       self.tokenizer)
             self._pending.append((pos, future))
             self._next_submit = self._walker.next(pos)
 
@@ -266,7 +273,7 @@ class DataLoader:
 
 
 def val_batches(files, tokenizer, B: int, T: int, rank: int = 0, world_size: int = 1,
-                max_batches: int | None = None, device: str | torch.device = "cpu"):
+                max_batches: int | None = None, device: str | torch.device = "cpu", resolve: Callable[[str], str] = str):
     """Deterministic validation batches, packed like training batches.
 
     max_batches=None: one pass over this rank's share of the data (partial last batch dropped).
@@ -277,7 +284,7 @@ def val_batches(files, tokenizer, B: int, T: int, rank: int = 0, world_size: int
         raise ValueError(f"val_batches: max_batches must be None or an integer >= 0, got {max_batches!r}")
     # Built here, not inside the generator, so bad arguments fail at the call.
     loader = DataLoader(files, tokenizer, B, T, rank=rank, world_size=world_size, device=device,
-                        max_epochs=1 if max_batches is None else None)
+                        max_epochs=1 if max_batches is None else None, resolve=resolve)
     return _take(loader, max_batches)
 
 

@@ -10,12 +10,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from nanopipe import loading
-from nanopipe.data.loader import val_batches
 from nanopipe.engine import Engine
-from nanopipe.eval.bpb import evaluate_bpb
 from nanopipe.eval.core import evaluate_core
 from nanopipe.eval.core_data import load_core_tasks, offline_provenance
-from nanopipe.train.base import data_files, load_token_bytes
+from nanopipe.train.base import load_token_bytes, val_bpb
 from nanopipe.train.common import init_distributed
 
 if TYPE_CHECKING:
@@ -23,8 +21,9 @@ if TYPE_CHECKING:
 
 VERSION = 1
 LAUNCH = "torchrun"
-CODE = ("nanopipe.eval.bpb", "nanopipe.eval.core", "nanopipe.eval.core_data", "nanopipe.data.loader",
-        "nanopipe.loading", "nanopipe.model", "nanopipe.engine")
+# Per-task timings of evaluate_core: manifest metrics, not core.json, whose bytes must depend only on
+# the model and the data (they key the stages downstream; a rerun must not change them).
+TIMINGS = ("seconds", "items_per_s")
 
 
 def prepare(cfg) -> None:
@@ -40,12 +39,10 @@ def run(ctx: "StageContext") -> dict:
     model = loading.load_model(ctx.store, ctx.upstream["base_train"], d.device)
     seq = model.config.sequence_len
 
-    n_batches = max(1, cfg.eval_tokens // (cfg.device_batch_size * seq * d.world_size))
-    batches = val_batches(data_files(ctx, "val"), tok, cfg.device_batch_size, seq, d.rank, d.world_size,
-                          max_batches=n_batches, device=d.device)
     with torch.no_grad(), d.autocast():
-        bpb = evaluate_bpb(model, batches, load_token_bytes(ctx).to(d.device), d.device)
-    log(f"[base_eval] val bpb {bpb:.4f} over {n_batches * cfg.device_batch_size * seq * d.world_size:,} tokens")
+        bpb, tokens = val_bpb(ctx, model, tok, load_token_bytes(ctx).to(d.device), d, cfg.device_batch_size, seq,
+                              cfg.eval_tokens)
+    log(f"[base_eval] val bpb {bpb:.4f} over {tokens:,} tokens")
 
     samples = sample_prompts(model, tok, cfg) if d.is_master else []
     for s in samples:
@@ -57,7 +54,7 @@ def run(ctx: "StageContext") -> dict:
                              batch_size=cfg.core_batch_size, log=log)
     log(f"[base_eval] {core['core_name']}: {core['core']:.4f} ({core['items_per_s']:.1f} items/s)")
     if d.is_master:
-        rows = [{"task": label, **r} for label, r in core["tasks"].items()]
+        rows = [{"task": label, **{k: v for k, v in r.items() if k not in TIMINGS}} for label, r in core["tasks"].items()]
         ctx.writer.write_json("core.json", {"core": core["core"], "core_name": core["core_name"], "tasks": rows,
                                             "missing_tasks": core["missing_tasks"], "max_examples": cfg.core_max_examples,
                                             "source": cfg.core_source,
@@ -66,6 +63,7 @@ def run(ctx: "StageContext") -> dict:
     d.close()
     return {"val_bpb": bpb, "core": core["core"], "core_name": core["core_name"], "core_tasks": len(core["tasks"]),
             "missing_tasks": core["missing_tasks"], "core_items_per_s": round(core["items_per_s"], 2),
+            "core_task_seconds": {label: round(r["seconds"], 2) for label, r in core["tasks"].items()},
             "samples": samples}
 
 

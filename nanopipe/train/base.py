@@ -8,8 +8,9 @@ as an uninterrupted run (on CPU).
 
 from __future__ import annotations
 
+import functools
 import io
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -19,7 +20,8 @@ from nanopipe.eval.bpb import evaluate_bpb
 from nanopipe import loading
 from nanopipe.model import GPT, GPTConfig
 from nanopipe.tokenizer import Tokenizer
-from nanopipe.train.common import LoopSpec, init_distributed, loop_metrics, model_bytes, train_loop
+from nanopipe.train.common import (Dist, LoopSpec, init_distributed, loop_metrics, loss_curve, save_model, supervised_step,
+                                   train_loop)
 
 if TYPE_CHECKING:
     from nanopipe.runner import StageContext
@@ -35,10 +37,26 @@ def load_token_bytes(ctx: "StageContext") -> torch.Tensor:
 
 
 def data_files(ctx: "StageContext", split: str) -> list[str]:
-    """Verified local paths of the data stage's shards of one split, in order."""
-    rels = sorted(f["path"] for f in ctx.upstream["data"]["files"]
+    """The data stage's shards of one split, in order, as paths inside its output (open them
+    through shard_path)."""
+    return sorted(f["path"] for f in ctx.upstream["data"]["files"]
                   if f["path"].startswith(f"{split}/") and f["path"].endswith(".parquet"))
-    return [ctx.upstream_file("data", rel) for rel in rels]
+
+
+def shard_path(ctx: "StageContext") -> Callable[[str], str]:
+    """The loader's `resolve`: a shard's verified local path; each shard is hashed once per
+    process, when the loader first opens it, not all of them before training starts."""
+    return functools.partial(ctx.upstream_file, "data")
+
+
+def val_bpb(ctx: "StageContext", fwd, tok, token_bytes: torch.Tensor, d: Dist, B: int, T: int,
+            eval_tokens: int) -> tuple[float, int]:
+    """Bits per byte on the data stage's validation shards, over about eval_tokens tokens shared by the
+    ranks (base_train's evaluation and base_eval's): (bpb, tokens evaluated). Call under no_grad."""
+    n = max(1, eval_tokens // (B * T * d.world_size))
+    batches = val_batches(data_files(ctx, "val"), tok, B, T, d.rank, d.world_size, max_batches=n, device=d.device,
+                          resolve=shard_path(ctx))
+    return evaluate_bpb(fwd, batches, token_bytes, d.device), n * B * T * d.world_size
 
 
 def horizon(cfg, num_params: int, flops_per_token: float) -> int:
@@ -57,7 +75,7 @@ def train(ctx: "StageContext") -> dict:
 
     tok = load_tokenizer(ctx)
     token_bytes = load_token_bytes(ctx).to(d.device)
-    train_files, val_files = data_files(ctx, "train"), data_files(ctx, "val")
+    train_files = data_files(ctx, "train")
 
     mcfg = GPTConfig.from_depth(cfg.depth, tok.vocab_size, cfg.sequence_len, cfg.head_dim, cfg.n_kv_head)
     with torch.device("meta"):
@@ -80,26 +98,20 @@ def train(ctx: "StageContext") -> dict:
         f"({steps * cfg.total_batch_size / num_params:.1f} per param) | grad accum {grad_accum} | "
         f"{d.world_size} rank(s) on {d.device}{' + compile' if use_compile else ''}")
 
-    spec = LoopSpec("base_train", steps, grad_accum, flops_per_token, cfg.grad_clip, cfg.warmup_ratio,
-                    cfg.warmdown_ratio, cfg.final_lr_frac, cfg.eval_every, cfg.checkpoint_every,
-                    cfg.keep_checkpoints, "val_bpb")
+    spec = LoopSpec("base_train", steps, flops_per_token, cfg.grad_clip, cfg.warmup_ratio, cfg.warmdown_ratio,
+                    cfg.final_lr_frac, cfg.eval_every, cfg.checkpoint_every, cfg.keep_checkpoints, "val_bpb")
 
-    def make_batches(resume):
-        return DataLoader(train_files, tok, cfg.device_batch_size, cfg.sequence_len, rank=d.rank,
-                          world_size=d.world_size, device=d.device, resume_state=resume)
+    def evaluate(step: int) -> tuple[float, str]:
+        bpb, _ = val_bpb(ctx, fwd, tok, token_bytes, d, cfg.device_batch_size, cfg.sequence_len, cfg.eval_tokens)
+        return bpb, f"val_bpb {bpb:.4f}"
 
-    def evaluate() -> float:
-        n = max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.sequence_len * d.world_size))
-        batches = val_batches(val_files, tok, cfg.device_batch_size, cfg.sequence_len, d.rank, d.world_size,
-                              max_batches=n, device=d.device)
-        return evaluate_bpb(fwd, batches, token_bytes, d.device)
-
-    state = train_loop(ctx, d, spec, model, fwd, optimizers, make_batches, evaluate, log)
+    with DataLoader(train_files, tok, cfg.device_batch_size, cfg.sequence_len, rank=d.rank, world_size=d.world_size,
+                    device=d.device, resolve=shard_path(ctx)) as batches:
+        state = train_loop(ctx, d, spec, model, optimizers, supervised_step(d, fwd, batches, grad_accum), evaluate,
+                           log, data=batches)
     metrics = {**loop_metrics(spec, state, d), "params": num_params, "flops_per_token": flops_per_token}
     if d.is_master:
-        w = ctx.writer
-        w.write_bytes("model.pt", model_bytes(model))
-        w.write_json("model_config.json", {**mcfg.__dict__, "depth": cfg.depth})
-        w.write_json("loss_curve.json", {"train": state["curve"], "val_bpb": state["val"]})
+        save_model(ctx.writer, model, depth=cfg.depth)
+        ctx.writer.write_json("loss_curve.json", {"train": loss_curve(state), "val_bpb": state["val"]})
     d.close()
     return metrics

@@ -1,5 +1,6 @@
 """Chat training: mid-training and SFT warm-start from the previous stage's model and train on
-rendered conversations (nanochat's mid_train and chat_sft).
+rendered conversations (nanochat's mid_train and chat_sft). `train` is the `run` of both stages:
+what differs between them is configuration (mixture, packing, LRs) and the model they continue.
 
 - mid_train packs conversations into a token stream (rows cross conversations), like
   pretraining, so the model learns the special tokens and the chat/tool-call format.
@@ -16,10 +17,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from nanopipe import loading
 from nanopipe.chat import render_conversation
 from nanopipe.tasks import Mixture, make_task
-from nanopipe.train.common import LoopSpec, init_distributed, loop_metrics, model_bytes, train_loop
+from nanopipe.train.common import (LoopSpec, init_distributed, loop_metrics, loss_curve, save_model, supervised_step,
+                                   train_loop, warm_start)
 
 if TYPE_CHECKING:
     from nanopipe.runner import StageContext
@@ -45,14 +46,18 @@ class ConversationBatches:
             raise ValueError(f"{len(convs)} conversations cannot be shared among {world} ranks")
         self.convs, self.tok, self.B, self.T = convs, tok, B, T
         self.rank, self.world, self.device, self.packing = rank, world, device, packing
-        s = resume_state or {"epoch": 0, "conv": rank, "offset": 0}
-        self.epoch, self.conv, self.offset = s["epoch"], s["conv"], s["offset"]
         self.pad = tok.bos_id
-        self._buf: deque[tuple[list[int], list[int]]] = deque()  # rendered conversations from self.conv on
-        self._next = self.conv  # next conversation index to render into the buffer
+        self.load_state_dict(resume_state)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "conv": self.conv, "offset": self.offset}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Move to `state` (None: the very beginning)."""
+        s = state or {"epoch": 0, "conv": self.rank, "offset": 0}
+        self.epoch, self.conv, self.offset = s["epoch"], s["conv"], s["offset"]
+        self._buf: deque[tuple[list[int], list[int]]] = deque()  # rendered conversations from self.conv on
+        self._next = self.conv  # next conversation index to render into the buffer
 
     def _render_next(self) -> None:
         if self._next >= len(self.convs):
@@ -118,18 +123,13 @@ def chat_loss(model, convs, tok, B: int, T: int, rank: int, world: int, device, 
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def train(ctx: "StageContext", parent: str) -> dict:
-    """Warm-start from the `parent` stage's model and train on the configured mixture."""
+def train(ctx: "StageContext") -> dict:
+    """Warm-start from the upstream stage's model and train on the configured mixture."""
     cfg = ctx.config
     d = init_distributed(cfg.device, cfg.threads, cfg.seed)
     log, cuda = ctx.log, d.device.type == "cuda"
-    tok = loading.load_tokenizer(ctx.store, ctx.upstream["tokenizer"])
-    model = loading.load_model(ctx.store, ctx.upstream[parent], d.device).train()
+    parent, tok, model, optimizers = warm_start(ctx, d)
     T = min(cfg.max_seq_len, model.config.sequence_len)
-    optimizers = model.setup_optimizers(cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.weight_decay)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] = group["lr"] * cfg.init_lr_frac
     fwd = torch.compile(model, dynamic=True) if (cfg.compile if cfg.compile is not None else cuda) else model
 
     train_set = build_mixture(cfg.mixture, cfg.seed)
@@ -145,25 +145,21 @@ def train(ctx: "StageContext", parent: str) -> dict:
     log(f"[{ctx.stage}] from {parent} {ctx.upstream[parent]['key'][:16]} | {len(train_set):,} conversations "
         f"({cfg.packing}) | {steps} steps x {rows_per_step} rows of <= {T} tokens | {len(val_set):,} held out")
 
-    spec = LoopSpec(ctx.stage, steps, cfg.grad_accum, model.estimate_flops(), cfg.grad_clip, cfg.warmup_ratio,
-                    cfg.warmdown_ratio, cfg.final_lr_frac, cfg.eval_every, cfg.checkpoint_every,
-                    cfg.keep_checkpoints, "val_loss")
+    spec = LoopSpec(ctx.stage, steps, model.estimate_flops(), cfg.grad_clip, cfg.warmup_ratio, cfg.warmdown_ratio,
+                    cfg.final_lr_frac, cfg.eval_every, cfg.checkpoint_every, cfg.keep_checkpoints, "val_loss")
 
-    def make_batches(resume):
-        return ConversationBatches(train_set, tok, cfg.device_batch_size, T, d.rank, d.world_size, d.device,
-                                   cfg.packing, resume)
+    def evaluate(step: int) -> tuple[float, str]:
+        loss = chat_loss(model, val_set, tok, cfg.device_batch_size, T, d.rank, d.world_size, d.device, cfg.eval_batches)
+        return loss, f"val_loss {loss:.4f}"
 
-    def evaluate() -> float:
-        return chat_loss(model, val_set, tok, cfg.device_batch_size, T, d.rank, d.world_size, d.device, cfg.eval_batches)
-
-    state = train_loop(ctx, d, spec, model, fwd, optimizers, make_batches, evaluate, log)
+    batches = ConversationBatches(train_set, tok, cfg.device_batch_size, T, d.rank, d.world_size, d.device, cfg.packing)
+    state = train_loop(ctx, d, spec, model, optimizers, supervised_step(d, fwd, batches, cfg.grad_accum), evaluate,
+                       log, data=batches)
     metrics = {**loop_metrics(spec, state, d), "conversations": len(train_set),
                "val_loss_start": state["val"][0][1] if state["val"] else None}
     if d.is_master:
-        w = ctx.writer
-        w.write_bytes("model.pt", model_bytes(model))
-        w.write_json("model_config.json", dict(model.config.__dict__))
-        w.write_json("loss_curve.json", {"train": state["curve"], "val_loss": state["val"]})
-        w.write_json("mixture.json", {"train": train_set.provenance(), "val": val_set.provenance()})
+        save_model(ctx.writer, model)
+        ctx.writer.write_json("loss_curve.json", {"train": loss_curve(state), "val_loss": state["val"]})
+        ctx.writer.write_json("mixture.json", {"train": train_set.provenance(), "val": val_set.provenance()})
     d.close()
     return metrics

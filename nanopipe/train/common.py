@@ -1,10 +1,11 @@
-"""What every training stage shares: process group and device, LR schedule, checkpoints, progress.
+"""What every training stage shares: process group and device, LR schedule, checkpoints, progress,
+and the training loop itself (`train_loop`), into which base, mid, SFT and RL training plug their step.
 
 Checkpoints live in the stage's store `_work/` dir as `ckpt_{step:06d}/`:
 model.pt (rank 0), optim_rank{r}.pt (each rank its own optimizer state), state.json
 (step, loader positions of all ranks, RNG states, loss history) and COMPLETE, written
-last by rank 0 with the sha256 of every file. A checkpoint without COMPLETE, or whose
-files do not match it, is never loaded.
+last by rank 0 (atomically) with the sha256 of every file. A checkpoint without COMPLETE, or
+whose files do not match it, is never loaded.
 """
 
 from __future__ import annotations
@@ -18,14 +19,19 @@ import os
 import posixpath
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from nanopipe import loading
 from nanopipe.faults import fault_point
-from nanopipe.store import IntegrityError, Store
+from nanopipe.store import IntegrityError, Store, writing
+
+if TYPE_CHECKING:
+    from nanopipe.runner import StageContext
 
 COMPLETE = "COMPLETE"
 
@@ -178,28 +184,35 @@ class Checkpoints:
         opt_blob = _tensor_bytes([o.state_dict() for o in optimizers])
         rng_blob = _tensor_bytes(rng_state())
         if d.is_master:
-            self.fs.makedirs(path, exist_ok=True)
+            with writing(self.store.url_of(path)):
+                self.fs.makedirs(path, exist_ok=True)
         d.barrier()
         own = {f"optim_rank{d.rank}.pt": opt_blob, f"rng_rank{d.rank}.pt": rng_blob}
         if d.is_master:
             own["model.pt"] = _tensor_bytes(model.state_dict())
             own["state.json"] = json.dumps(state, sort_keys=True).encode()
         for name, blob in own.items():
-            self.fs.pipe_file(posixpath.join(path, name), blob)
+            with writing(self.store.url_of(posixpath.join(path, name))):
+                self.fs.pipe_file(posixpath.join(path, name), blob)
         digests = {name: hashlib.sha256(blob).hexdigest() for name, blob in own.items()}
         if d.world_size > 1:
             gathered: list = [None] * d.world_size
             dist.all_gather_object(gathered, digests)
             digests = {k: v for g in gathered for k, v in g.items()}
         if d.is_master:
-            self.fs.pipe_file(posixpath.join(path, COMPLETE), json.dumps(digests, sort_keys=True).encode())
+            # COMPLETE all at once or not at all: a reader never sees a half-written list of digests.
+            self.store.atomic_put(posixpath.join(path, COMPLETE), json.dumps(digests, sort_keys=True).encode())
             for old in self.steps()[self.keep:]:
-                self.fs.rm(self._ckpt(old), recursive=True)
+                self.store.remove(self._ckpt(old))
         d.barrier()
 
     def _read(self, step: int, name: str) -> bytes:
         path = self._ckpt(step)
-        digests = json.loads(self.fs.cat_file(posixpath.join(path, COMPLETE)))
+        try:
+            digests = json.loads(self.fs.cat_file(posixpath.join(path, COMPLETE)))
+        except ValueError as e:
+            raise IntegrityError(f"{self.store.url_of(posixpath.join(path, COMPLETE))}: not valid JSON ({e}); "
+                                 "the checkpoint is damaged and will not be loaded") from None
         if name not in digests:
             raise IntegrityError(f"{self.store.url_of(path)}: checkpoint has no {name} (saved with another world size?)")
         data = self.fs.cat_file(posixpath.join(path, name))
@@ -252,23 +265,66 @@ def fmt_eta(s: float) -> str:
 class LoopSpec:
     name: str  # stage name, for logs and fault points
     steps: int
-    grad_accum: int
     flops_per_token: float
     grad_clip: float
     warmup_ratio: float
     warmdown_ratio: float
     final_lr_frac: float
-    eval_every: int
+    eval_every: int  # 0: no periodic evaluation
     checkpoint_every: int
     keep_checkpoints: int
-    val_metric: str  # what evaluate() returns, e.g. "val_bpb" or "val_loss"
+    val_metric: str | None = None  # metric name of a numeric evaluate() value (loop_metrics reports the last)
+    eval_at_ends: bool = False  # also evaluate before the first step and after the last when eval_every is 0
+    log_every: int = 10  # a progress line every this many steps (and the first three and the last)
+    show: tuple[str, ...] = ()  # values of StepOut.extra shown on the progress line
 
 
-def train_loop(ctx, d: Dist, spec: LoopSpec, model, fwd, optimizers, make_batches, evaluate, log) -> dict:
+@dataclass
+class StepOut:
+    """What the forward and backward passes of one optimizer step report, over every micro-batch
+    and rank. loss and tokens may be tensors: the loop reads them after the optimizer step."""
+    loss: float | torch.Tensor  # the step's training loss: the curve and the progress line
+    tokens: int | torch.Tensor  # tokens fed forward by all ranks: tokens/s and MFU
+    extra: dict = field(default_factory=dict)  # more per-step values for the curve (RL: reward, solved, ...)
+
+
+StepFn = Callable[[int], StepOut]
+
+
+def supervised_step(d: Dist, fwd, batches, grad_accum: int) -> StepFn:
+    """The step of base, mid and SFT training: grad_accum micro-batches of next-token loss from
+    `batches`; the loss is the mean over micro-batches and ranks."""
+    def step(_: int) -> StepOut:
+        step_loss = torch.zeros((), device=d.device)
+        tokens = torch.zeros((), dtype=torch.long, device=d.device)
+        for _ in range(grad_accum):
+            x, y = next(batches)
+            with d.autocast():
+                loss = fwd(x, y)
+            (loss / grad_accum).backward()
+            step_loss += loss.detach() / grad_accum
+            tokens += x.numel()
+        if d.world_size > 1:
+            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+            dist.all_reduce(tokens)
+        return StepOut(step_loss, tokens)
+    return step
+
+
+def train_loop(ctx: "StageContext", d: Dist, spec: LoopSpec, model, optimizers, step_fn: StepFn,
+               evaluate: Callable[[int], tuple], log, data=None) -> dict:
     """Train `spec.steps` optimizer steps with checkpoints and exact resume; returns the run state.
 
-    make_batches(resume_state | None) -> iterator of (inputs, targets) with state_dict();
-    evaluate() -> float, run every eval_every steps and at the end.
+    step_fn(step) -> StepOut: forward and backward of one step; the loop then clips the gradients,
+        sets the LR schedule, steps the optimizers and zeroes the gradients.
+    evaluate(step) -> (value, text): a held-out evaluation (a JSON-able value and its log text), run in
+        eval mode without gradients every eval_every steps and after the last (eval_at_ends: and
+        before the first, whatever eval_every is).
+    data: the iterator step_fn draws batches from; its state_dict() (one per rank) is saved in
+        checkpoints and load_state_dict() restores it on resume. None when a step's data is a
+        function of the step alone (RL).
+    The state: step, loader (positions of all ranks), curve [{step, loss, lrm, **extra}],
+    val [[step, value]], tokens, train_s (seconds in steps, evaluations and checkpoints left out).
     """
     ckpts = Checkpoints(ctx.store, ctx.writer.work, spec.keep_checkpoints)
     state = {"step": 0, "loader": None, "curve": [], "val": [], "tokens": 0, "train_s": 0.0}
@@ -277,36 +333,34 @@ def train_loop(ctx, d: Dist, spec: LoopSpec, model, fwd, optimizers, make_batche
     if done:
         state = ckpts.load(d, done[0], model, optimizers)
         resumed_at = state["step"]
+        if data is not None:
+            data.load_state_dict(state["loader"][d.rank])
         log(f"[{spec.name}] resumed from checkpoint at step {resumed_at}")
-    batches = make_batches(state["loader"][d.rank] if state["loader"] else None)
     progress = Progress(spec.steps, spec.flops_per_token, peak_flops(d.device))
+    evaluates = spec.eval_every > 0 or spec.eval_at_ends
     smooth = None
     step = state["step"]
+    model.train()
     while True:
         last = step == spec.steps
-        if spec.eval_every and (last or step % spec.eval_every == 0) and not (state["val"] and state["val"][-1][0] == step):
+        due = last or (spec.eval_at_ends and step == 0) or (spec.eval_every and step % spec.eval_every == 0)
+        if evaluates and due and not (state["val"] and state["val"][-1][0] == step):
             model.eval()
             with torch.no_grad(), d.autocast():
-                value = evaluate()
+                value, text = evaluate(step)
             model.train()
             state["val"].append([step, value])
-            log(f"[{spec.name}] step {step}/{spec.steps} | {spec.val_metric} {value:.4f}")
+            log(f"[{spec.name}] step {step}/{spec.steps} | {text}")
+            progress.t = time.time()  # step timings and the ETA leave evaluations out
         if 0 < step < spec.steps and step % spec.checkpoint_every == 0 and step != resumed_at:
-            state.update(step=step, loader=_gather(d, batches.state_dict()))
+            state.update(step=step, loader=None if data is None else _gather(d, data.state_dict()))
             ckpts.save(d, step, model, optimizers, state)
             log(f"[{spec.name}] checkpoint at step {step}")
+            progress.t = time.time()
         if last:
             break
         t0 = time.time()
-        step_loss = torch.zeros((), device=d.device)
-        tokens = torch.zeros((), dtype=torch.long, device=d.device)
-        for _ in range(spec.grad_accum):
-            x, y = next(batches)
-            with d.autocast():
-                loss = fwd(x, y)
-            (loss / spec.grad_accum).backward()
-            step_loss += loss.detach() / spec.grad_accum
-            tokens += x.numel()
+        out = step_fn(step)
         if spec.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
         lrm = lr_multiplier(step, spec.steps, spec.warmup_ratio, spec.warmdown_ratio, spec.final_lr_frac)
@@ -314,37 +368,66 @@ def train_loop(ctx, d: Dist, spec: LoopSpec, model, fwd, optimizers, make_batche
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
-        if d.world_size > 1:
-            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-            dist.all_reduce(tokens)
-        loss_f = step_loss.item()  # the mean over micro-batches and ranks; also syncs, so timing is real
-        n_tokens = int(tokens.item())
+        loss, n_tokens = float(out.loss), int(out.tokens)  # syncs with the device, so the timing is real
         state["train_s"] += time.time() - t0
         state["tokens"] += n_tokens
-        state["curve"].append([step, loss_f])
-        smooth = loss_f if smooth is None else 0.9 * smooth + 0.1 * loss_f
+        state["curve"].append({"step": step, "loss": loss, "lrm": lrm, **out.extra})
+        smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
         p = progress.tick(step, n_tokens)
         step += 1
         fault_point(f"{spec.name}.step")
-        if step % 10 == 0 or step == spec.steps or step <= 3:
+        if step % spec.log_every == 0 or step == spec.steps or step <= 3:
+            shown = "".join(f" | {k} {out.extra[k]:.3f}" for k in spec.show)
             mfu = f" | MFU {100 * p['mfu']:.1f}%" if "mfu" in p else ""
-            log(f"[{spec.name}] step {step}/{spec.steps} | loss {smooth:.4f} | lr x{lrm:.3f} | {p['dt'] * 1000:.0f} ms | "
-                f"{p['tokens_per_s']:,.0f} tok/s | {p['flops_per_s'] / 1e12:.3f} TFLOP/s{mfu} | ETA {fmt_eta(p['eta_s'])}")
-    close = getattr(batches, "close", None)
-    if close:
-        close()
+            log(f"[{spec.name}] step {step}/{spec.steps} | loss {smooth:.4f}{shown} | lr x{lrm:.3f} | "
+                f"{_fmt_dt(p['dt'])} | {p['tokens_per_s']:,.0f} tok/s | {p['flops_per_s'] / 1e12:.3f} TFLOP/s{mfu} | "
+                f"ETA {fmt_eta(p['eta_s'])}")
     return state
 
 
+def _fmt_dt(s: float) -> str:
+    return f"{s * 1000:.0f} ms" if s < 10 else f"{s:.1f}s"
+
+
 def loop_metrics(spec: LoopSpec, state: dict, d: Dist) -> dict:
-    m = {"steps": spec.steps, "tokens": state["tokens"], "final_loss": state["curve"][-1][1] if state["curve"] else None,
-         spec.val_metric: state["val"][-1][1] if state["val"] else None, "train_seconds": round(state["train_s"], 2),
+    m = {"steps": spec.steps, "tokens": state["tokens"], "final_loss": state["curve"][-1]["loss"] if state["curve"] else None,
+         "train_seconds": round(state["train_s"], 2),
          "tokens_per_s": round(state["tokens"] / state["train_s"], 1) if state["train_s"] else None,
          "world_size": d.world_size, "device": d.device.type}
+    if spec.val_metric:
+        m[spec.val_metric] = state["val"][-1][1] if state["val"] else None
     peak = peak_flops(d.device)
     if peak and state["train_s"]:
         m["mfu"] = round(state["tokens"] * spec.flops_per_token / state["train_s"] / peak, 4)
     return m
+
+
+def loss_curve(state: dict) -> list[list]:
+    """The training loss as [[step, loss], ...] (loss_curve.json's "train" series)."""
+    return [[e["step"], e["loss"]] for e in state["curve"]]
+
+
+# ----- what training stages share besides the loop -----
+
+def warm_start(ctx: "StageContext", d: Dist):
+    """(parent stage, tokenizer, model, optimizers) for a stage that continues training the model of
+    its model-holding upstream stage (mid_train: base_train, sft: mid_train, rl: sft; see STAGES).
+    The optimizers' learning rates are the configured ones times init_lr_frac."""
+    cfg = ctx.config
+    parent = next(u for u in ctx.upstream if u in loading.MODEL_STAGES)
+    tok = loading.load_tokenizer(ctx.store, ctx.upstream["tokenizer"])
+    model = loading.load_model(ctx.store, ctx.upstream[parent], d.device).train()
+    optimizers = model.setup_optimizers(cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.weight_decay)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] = group["lr"] * cfg.init_lr_frac
+    return parent, tok, model, optimizers
+
+
+def save_model(writer, model: torch.nn.Module, **config_extra) -> None:
+    """model.pt and model_config.json: what loading.load_model reads back."""
+    writer.write_bytes("model.pt", model_bytes(model))
+    writer.write_json("model_config.json", {**model.config.__dict__, **config_extra})
 
 
 def _gather(d: Dist, own: dict) -> list[dict]:

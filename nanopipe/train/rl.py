@@ -25,21 +25,18 @@ from __future__ import annotations
 import functools
 import math
 import random
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-from nanopipe import loading
 from nanopipe.chat import render_for_completion
 from nanopipe.engine import Engine
-from nanopipe.faults import fault_point
 from nanopipe.tasks import Mixture, Task, TaskSequence, make_task
 from nanopipe.tasks.gsm_symbolic import GSMSymbolic
-from nanopipe.train.common import (Checkpoints, Dist, Progress, fmt_eta, init_distributed, lr_multiplier,
-                                   model_bytes, peak_flops, set_schedule)
+from nanopipe.train.common import (Dist, LoopSpec, StepOut, init_distributed, loop_metrics, save_model, train_loop,
+                                   warm_start)
 
 if TYPE_CHECKING:
     from nanopipe.runner import StageContext
@@ -192,15 +189,16 @@ def rows_of(groups: list[Group], std_normalize: bool) -> list[tuple[list[int], l
     return rows
 
 
-def policy_gradient_step(d: Dist, model, optimizers, rows, device_batch_size: int, grad_clip: float,
-                         pad_id: int) -> int:
-    """Accumulate the loss of this rank's rows in micro-batches, then step. Returns the tokens fed forward."""
+def policy_gradient(d: Dist, model, rows, device_batch_size: int, pad_id: int) -> tuple[float, int]:
+    """Accumulate the gradient of this rank's rows in micro-batches (the loop then steps).
+    Returns this rank's part of the step's loss and the tokens it fed forward."""
     own_tokens = sum(sum(m[1:]) for _, m, _ in rows)
     (total_tokens,) = _all_sum(d, [own_tokens])
     # The optimizers average gradients over ranks, so scale each rank's sum back up by the world size.
     norm = max(total_tokens, 1.0) / d.world_size
     fed = 0
     device = d.device
+    total = torch.zeros((), device=device)
     if not rows:  # nothing to learn from here; zero gradients keep every rank in the optimizers' all-reduce
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
@@ -219,27 +217,19 @@ def policy_gradient_step(d: Dist, model, optimizers, rows, device_batch_size: in
             nll = model(x, y, loss_reduction="none")
         loss = pg_loss(-nll, y, adv, norm)
         loss.backward()
+        total += loss.detach()
         fed += x.numel()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    for opt in optimizers:
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    return fed
+    return total.item() / d.world_size, fed
 
 
 # ----- the stage -----
 
-def train(ctx: "StageContext", parent: str = "sft") -> dict:
+def train(ctx: "StageContext") -> dict:
+    """Warm-start from the upstream SFT model and train on the configured questions (the rl stage's run)."""
     cfg = ctx.config
     d = init_distributed(cfg.device, cfg.threads, cfg.seed)
     log = ctx.log if d.is_master else (lambda s: None)
-    tok = loading.load_tokenizer(ctx.store, ctx.upstream["tokenizer"])
-    model = loading.load_model(ctx.store, ctx.upstream[parent], d.device)
-    optimizers = model.setup_optimizers(cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.weight_decay)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] = group["lr"] * cfg.init_lr_frac
+    parent, tok, model, optimizers = warm_start(ctx, d)
     context = min(cfg.max_seq_len, model.rotary_seq_len)
     engine = Engine(model, tok, max_batch=cfg.engine_batch, max_seq_len=context)
 
@@ -262,90 +252,56 @@ def train(ctx: "StageContext", parent: str = "sft") -> dict:
         f"({len(train_set) - len(pool)} dropped as held out) | "
         f"{steps} steps x {cfg.examples_per_step} questions x {cfg.num_samples} samples | "
         f"held out: {n_eval} of {cfg.eval_task.task}, pass@1/pass@{k} | context {context}")
+    sampling = dict(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k)
 
-    def sample_kwargs():
-        return dict(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k)
+    def evaluate(step: int) -> tuple[dict, str]:
+        """pass@1/pass@k on the held-out questions; before the first step and after the last, GSM8K too."""
+        result = evaluate_pass_at_k(d, engine, tok, eval_task, n_eval, k, seed=cfg.seed + 7_777_777, **sampling)
+        text = f"held out {_fmt(result, k)}"
+        if gsm8k is not None and step in (0, steps):
+            result["gsm8k"] = evaluate_pass_at_k(d, engine, tok, gsm8k, cfg.gsm8k_examples, k,
+                                                 seed=cfg.seed + 7_777_777, **sampling)
+            text += f" | GSM8K {_fmt(result['gsm8k'], k)}"
+        return result, text
 
-    def evaluate(task, n):
-        model.eval()
-        with torch.no_grad(), d.autocast():
-            out = evaluate_pass_at_k(d, engine, tok, task, n, k, seed=cfg.seed + 7_777_777, **sample_kwargs())
-        model.train()
-        return out
-
-    ckpts = Checkpoints(ctx.store, ctx.writer.work, cfg.keep_checkpoints)
-    state = {"step": 0, "next_example": 0, "curve": [], "evals": [], "gsm8k": {}, "train_s": 0.0, "tokens": 0}
-    resumed_at = None
-    if ckpts.steps():
-        state = ckpts.load(d, ckpts.steps()[0], model, optimizers)
-        resumed_at = state["step"]
-        log(f"[{ctx.stage}] resumed from checkpoint at step {resumed_at}")
-    if gsm8k is not None and "before" not in state["gsm8k"]:
-        state["gsm8k"]["before"] = evaluate(gsm8k, cfg.gsm8k_examples)
-        log(f"[{ctx.stage}] GSM8K before: {_fmt(state['gsm8k']['before'], k)}")
-
-    progress = Progress(steps, model.estimate_flops(), peak_flops(d.device))
-    step = state["step"]
-    model.train()
-    while True:
-        last = step == steps
-        if (last or (cfg.eval_every and step % cfg.eval_every == 0) or step == 0) \
-                and not (state["evals"] and state["evals"][-1]["step"] == step):
-            result = evaluate(eval_task, n_eval)
-            state["evals"].append({"step": step, **result})
-            log(f"[{ctx.stage}] step {step}/{steps} | held out {_fmt(result, k)}")
-            progress.t = time.time()  # step timings and the ETA leave evaluations out
-        if 0 < step < steps and step % cfg.checkpoint_every == 0 and step != resumed_at:
-            state.update(step=step, next_example=step * cfg.examples_per_step)
-            ckpts.save(d, step, model, optimizers, state)
-            log(f"[{ctx.stage}] checkpoint at step {step}")
-        if last:
-            break
-        t0 = time.time()
+    def step_fn(step: int) -> StepOut:
+        """Sample and score this rank's questions of the step, then accumulate the policy gradient."""
         indices = step_examples(step, cfg.examples_per_step, pool, cfg.seed)
         slots = range(d.rank * per_rank, (d.rank + 1) * per_rank)
         model.eval()
         with torch.no_grad(), d.autocast():
             groups = sample_groups(engine, tok, train_set, [indices[s] for s in slots],
-                                   [cfg.seed + 1_000_003 * step + s for s in slots], cfg.num_samples,
-                                   **sample_kwargs())
+                                   [cfg.seed + 1_000_003 * step + s for s in slots], cfg.num_samples, **sampling)
         model.train()
-        lrm = lr_multiplier(step, steps, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
-        set_schedule(optimizers, lrm, step)
-        rows = rows_of(groups, cfg.std_normalize)
-        fed = policy_gradient_step(d, model, optimizers, rows, cfg.device_batch_size, cfg.grad_clip, tok.bos_id)
+        loss, fed = policy_gradient(d, model, rows_of(groups, cfg.std_normalize), cfg.device_batch_size, tok.bos_id)
         rewards = [r for g in groups for r in g.rewards]
         lengths = [len(t) for g in groups for t in g.tokens]
         solved = sum(1 for g in groups if g.rewards and max(g.rewards) > 0)
-        r_sum, r_n, len_sum, solved, fed = _all_sum(d, [sum(rewards), len(rewards), sum(lengths), solved, fed])
-        entry = {"step": step, "reward": r_sum / max(r_n, 1), "seq_len": len_sum / max(r_n, 1),
-                 "solved": solved / cfg.examples_per_step, "samples": int(r_n), "lrm": lrm}
-        state["curve"].append(entry)
-        state["tokens"] += int(len_sum)
-        state["train_s"] += time.time() - t0
-        p = progress.tick(step, int(fed))
-        step += 1
-        fault_point(f"{ctx.stage}.step")
-        log(f"[{ctx.stage}] step {step}/{steps} | reward {entry['reward']:.3f} | solved {entry['solved']:.2f} | "
-            f"len {entry['seq_len']:.1f} | lr x{lrm:.3f} | {p['dt']:.1f}s | ETA {fmt_eta(p['eta_s'])}")
+        loss, r_sum, r_n, len_sum, solved, fed = _all_sum(d, [loss, sum(rewards), len(rewards), sum(lengths), solved, fed])
+        return StepOut(loss, int(fed), {"reward": r_sum / max(r_n, 1), "seq_len": len_sum / max(r_n, 1),
+                                        "solved": solved / cfg.examples_per_step, "samples": int(r_n),
+                                        "sampled_tokens": int(len_sum)})
 
-    if gsm8k is not None:
-        state["gsm8k"]["after"] = evaluate(gsm8k, cfg.gsm8k_examples)
-        log(f"[{ctx.stage}] GSM8K after: {_fmt(state['gsm8k']['after'], k)}")
-    elif eval_is_gsm8k:
-        state["gsm8k"] = {"before": state["evals"][0], "after": state["evals"][-1]}
+    spec = LoopSpec(ctx.stage, steps, model.estimate_flops(), cfg.grad_clip, cfg.warmup_ratio, cfg.warmdown_ratio,
+                    cfg.final_lr_frac, cfg.eval_every, cfg.checkpoint_every, cfg.keep_checkpoints,
+                    eval_at_ends=True, log_every=1, show=("reward", "solved", "seq_len"))
+    state = train_loop(ctx, d, spec, model, optimizers, step_fn, evaluate, log)
     engine.close()
 
-    metrics = rl_metrics(cfg, state, steps, k, d)
+    evals = [{"step": s, **{key: v for key, v in r.items() if key != "gsm8k"}} for s, r in state["val"]]
+    if eval_is_gsm8k:
+        before_after = {"before": evals[0], "after": evals[-1]}
+    else:
+        before_after = {when: r["gsm8k"] for when, (_, r) in (("before", state["val"][0]), ("after", state["val"][-1]))
+                        if "gsm8k" in r}
+    metrics = {**loop_metrics(spec, state, d), **rl_metrics(state, evals, before_after, k)}
     metrics.update(train_examples=len(pool), train_dropped_as_held_out=len(train_set) - len(pool), eval_examples=n_eval,
                    eval_task=cfg.eval_task.task)
     if d.is_master:
         w = ctx.writer
-        w.write_bytes("model.pt", model_bytes(model))
-        w.write_json("model_config.json", dict(model.config.__dict__))
-        w.write_json("rl_curve.json", {"k": k, "steps": state["curve"], "evals": state["evals"],
-                                       "gsm8k": state["gsm8k"]})
-        w.write_json("rl_eval.json", eval_table(cfg, state, k))
+        save_model(w, model)
+        w.write_json("rl_curve.json", {"k": k, "steps": state["curve"], "evals": evals, "gsm8k": before_after})
+        w.write_json("rl_eval.json", eval_table(cfg, evals, before_after, k))
         data = {"train": {**train_set.provenance(), "used": len(pool),
                           "dropped_as_held_out": len(train_set) - len(pool)},
                 "eval": {"task": cfg.eval_task.task, "args": cfg.eval_task.args, **held_out[0].provenance()}}
@@ -369,26 +325,24 @@ def _window_mean(curve: list[dict], first: bool) -> float | None:
     return sum(e["reward"] for e in part) / len(part)
 
 
-def rl_metrics(cfg, state: dict, steps: int, k: int, d: Dist) -> dict:
-    before, after = state["evals"][0], state["evals"][-1]
-    m = {"steps": steps, "k": k, "pass@1_before": before["pass@1"], "pass@1_after": after["pass@1"],
+def rl_metrics(state: dict, evals: list[dict], gsm8k: dict, k: int) -> dict:
+    """pass@1/pass@k before and after, the reward trend, the tokens sampled (besides the loop's metrics)."""
+    before, after = evals[0], evals[-1]
+    m = {"k": k, "pass@1_before": before["pass@1"], "pass@1_after": after["pass@1"],
          "pass@k_before": before[f"pass@{k}"], "pass@k_after": after[f"pass@{k}"],
          "reward_first": _window_mean(state["curve"], True), "reward_last": _window_mean(state["curve"], False),
-         "sampled_tokens": state["tokens"], "train_seconds": round(state["train_s"], 2),
-         "world_size": d.world_size, "device": d.device.type}
-    for when in ("before", "after"):
-        g = state["gsm8k"].get(when)
-        if g is not None:
-            m[f"gsm8k_pass@1_{when}"], m[f"gsm8k_pass@k_{when}"] = g["pass@1"], g[f"pass@{k}"]
+         "sampled_tokens": sum(e["sampled_tokens"] for e in state["curve"])}
+    for when, g in gsm8k.items():
+        m[f"gsm8k_pass@1_{when}"], m[f"gsm8k_pass@k_{when}"] = g["pass@1"], g[f"pass@{k}"]
     return m
 
 
-def eval_table(cfg, state: dict, k: int) -> list[dict]:
+def eval_table(cfg, evals: list[dict], gsm8k: dict, k: int) -> list[dict]:
     """pass@1 / pass@k before and after RL, one row per (task, when): the stage's table."""
     name = f"{cfg.eval_task.task} {cfg.eval_task.args}"
     rows = [{"task": name, "when": when, "pass@1": e["pass@1"], f"pass@{k}": e[f"pass@{k}"], "n": e["n"], "step": e["step"]}
-            for when, e in (("before", state["evals"][0]), ("after", state["evals"][-1]))]
-    if state["gsm8k"] and cfg.eval_task.task != "gsm8k":
+            for when, e in (("before", evals[0]), ("after", evals[-1]))]
+    if gsm8k and cfg.eval_task.task != "gsm8k":
         rows += [{"task": "gsm8k {'split': 'eval'}", "when": when, "pass@1": e["pass@1"], f"pass@{k}": e[f"pass@{k}"],
-                  "n": e["n"], "step": None} for when, e in state["gsm8k"].items()]
+                  "n": e["n"], "step": None} for when, e in gsm8k.items()]
     return rows
