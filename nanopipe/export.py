@@ -213,9 +213,10 @@ def hf_state_dict(model: GPT, dtype: str = "float32") -> dict[str, torch.Tensor]
                 break
         else:
             raise ExportError(f"parameter {name!r} has no place in transformers' NanoChat")
+        tensor = tensor.detach().to("cpu", DTYPES[dtype])
         if name == "lm_head.weight":
             tensor = tensor[:model.config.vocab_size]
-        out[re.sub(pattern, target, name)] = tensor.detach().to("cpu", DTYPES[dtype]).contiguous().clone()
+        out[re.sub(pattern, target, name)] = tensor.contiguous()
     return out
 
 
