@@ -148,12 +148,13 @@ def _transformers():
 # ----- the model -----
 
 def _check_expressible(model: GPT) -> None:
-    """ExportError naming the first detail of our model that transformers' NanoChat cannot express."""
+    """ExportError naming the first detail of our model that transformers' NanoChat cannot express
+    (a parameter it has no place for, such as a bias, is named by hf_state_dict)."""
     cfg = model.config
     extra = {f.name for f in dataclasses.fields(cfg)} - _KNOWN_CONFIG_FIELDS
     if extra:
         raise ExportError(f"GPTConfig has fields the NanoChat mapping does not know: {sorted(extra)}")
-    for name, value in model.named_buffers():
+    for name, _ in model.named_buffers():
         if name not in ("cos", "sin"):
             raise ExportError(f"model buffer {name!r} has no NanoChat equivalent")
     if model.transformer.wte.weight.shape[0] != cfg.vocab_size:
@@ -164,9 +165,6 @@ def _check_expressible(model: GPT) -> None:
         if block.attn.head_dim * block.attn.n_head != cfg.n_embd:
             raise ExportError(f"head_dim {block.attn.head_dim} x {block.attn.n_head} heads != width {cfg.n_embd}: "
                               "NanoChat derives head_dim as hidden_size / num_attention_heads")
-        for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
-            if lin.bias is not None:
-                raise ExportError("a linear layer has a bias; NanoChat's MLP has none")
         if block.mlp.c_fc.out_features != model.transformer.h[0].mlp.c_fc.out_features:
             raise ExportError("MLP widths differ between layers; NanoChat has one intermediate_size")
 
@@ -329,16 +327,17 @@ def verify_export(directory: str | os.PathLike, model: GPT, tok: Tokenizer, dtyp
             got = list(hf_tok.apply_chat_template(conv["messages"], add_generation_prompt=gen, tokenize=True,
                                                   return_dict=True)["input_ids"])
             if got != expected:
+                at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
                 raise ExportError(f"the chat template (add_generation_prompt={gen}) renders {len(got)} ids where "
-                                  f"nanopipe.chat gives {len(expected)}; first difference at "
-                                  f"{next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))}")
+                                  f"nanopipe.chat gives {len(expected)}, first differing at position {at}")
 
-    reference = model
-    if dtype != "float32":  # compare with our model at the exported precision, both computed in fp32
-        reference = copy.deepcopy(model).float()
+    reference = model  # compared at the exported precision, both computed in fp32
+    if any(p.dtype != DTYPES[dtype] or p.dtype != torch.float32 for p in model.parameters()):
+        reference = copy.deepcopy(model)
         for p in reference.parameters():
-            p.copy_(p.to(DTYPES[dtype]).float())
-    reference = reference.float().eval()
+            p.data = p.data.to(DTYPES[dtype]).float()
+        reference.cos, reference.sin = ours.rotary_tables(reference.rotary_seq_len, model.config.head_dim,
+                                                          device=reference.get_device())
     device = reference.get_device()
     diffs = []
     for ids in probe_prompts(tok, min(model.config.sequence_len, model.rotary_seq_len)):
