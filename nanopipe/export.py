@@ -280,6 +280,10 @@ def export_model(model: GPT, tok: Tokenizer, out_dir: str | os.PathLike, dtype: 
         (tmp / "generation_config.json").write_text(_json(generation_config(tok)))
         checks = verify_export(tmp, model, tok, dtype)
         (tmp / "README.md").write_text(model_card(model, dtype, checks, info or CardInfo()))
+        umask = os.umask(0)
+        os.umask(umask)  # mkdtemp and safetensors make private files; the export gets the usual modes
+        for path in (tmp, *tmp.iterdir()):
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
