@@ -1,6 +1,8 @@
 """Leave the pipeline: a committed model as a Hugging Face directory that runs with plain transformers.
 
-    files = export_model(model, tok, "out/", card=...)   # config.json, model.safetensors, tokenizer.json, ...
+    checks = export_model(model, tok, "out/")        # config.json, model.safetensors, tokenizer.json, ...
+    export_committed(store, manifest, "out/")        # a model from the store, its model card filled from its lineage
+    export_main / push_main                          # `nanopipe export` and `nanopipe push`
 
 The directory uses transformers' NanoChat architecture (no custom code): our model *is* classic
 nanochat, so every detail maps one to one (checked in `_check_expressible`, and the written

@@ -349,6 +349,17 @@ def test_stage_commits_a_loadable_directory_with_a_filled_card(built, offline, t
         assert (tmp_path / "cli" / f["path"]).read_bytes() == (local / f["path"]).read_bytes(), f["path"]
 
 
+def test_stage_exports_the_configured_model_and_precision(built_local, offline):
+    store, upstream = built_local
+    cfg = load_config("tiny", ["export.model=sft", "export.dtype=bfloat16", "export.license=apache-2.0"])
+    manifest, _ = run_stage(store, cfg, "export", upstream, log=lambda s: None)
+    assert manifest["metrics"]["model"] == f"sft/{upstream['sft']['key'][:16]}" and manifest["metrics"]["dtype"] == "bfloat16"
+    assert json.loads(store.read_bytes(manifest, "config.json"))["dtype"] == "bfloat16"
+    assert store.read_bytes(manifest, "README.md").startswith(b"---\nlicense: apache-2.0\n")
+    with pytest.raises(Exception, match="export.model"):
+        load_config("tiny", ["export.model=base_train"])
+
+
 def test_export_cli_bad_input_is_one_line_exit_2(built_local, tmp_path, capsys):
     store, upstream = built_local
     for args, needle in ((["--model", "deadbeef0000"], "no committed stage with key"),
