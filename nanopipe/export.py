@@ -44,9 +44,9 @@ import torch
 
 from nanopipe import model as ours
 from nanopipe.chat import render_conversation, render_for_completion
-from nanopipe.model import GPT, GPTConfig
+from nanopipe.model import GPT
 from nanopipe.store import Store, StoreError
-from nanopipe.tokenizer import EVAL_TEXTS, RANKS_FILE, SPECIAL_TOKENS, Tokenizer
+from nanopipe.tokenizer import EVAL_TEXTS, RANKS_FILE, Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 WEIGHTS_FILE = "model.safetensors"
@@ -358,7 +358,6 @@ def verify_export(directory: str | os.PathLike, model: GPT, tok: Tokenizer, dtyp
     return {"logits_max_abs_diff": worst, "logits_max_abs_diff_per_prompt": diffs, "probe_prompts": len(diffs),
             "probe_texts": len(PROBE_TEXTS), "probe_conversations": len(PROBE_CONVERSATIONS),
             "transformers_version": transformers.__version__}
-
 
 
 def checks_markdown(checks: dict) -> str:
