@@ -9,6 +9,8 @@
     nanopipe report                    print the committed report of a config
     nanopipe chat [-p PROMPT]          talk to a model from the store in the terminal
     nanopipe serve [--port 8000]       web chat UI + OpenAI-compatible API for a model from the store
+    nanopipe export --out DIR          a model from the store as a Hugging Face transformers directory
+    nanopipe push --repo NAME          upload an export to the Hugging Face hub
     nanopipe ui                        local Prefect server, work pools, workers and deployments
 
 Bad configs, unknown stage names and damaged manifests print one line and exit with status 2,
@@ -100,6 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-concurrency", type=int, default=16)
             p.add_argument("--max-queue", type=int, default=64)
 
+    p = sub.add_parser("export", help="write a model from the store as a Hugging Face transformers directory")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--model", help="key prefix or stage name (default: the newest rl, sft, mid or base model)")
+    p.add_argument("--store")
+    p.add_argument("--dtype", default="float32", help="of model.safetensors: float32 (default) or bfloat16")
+
+    p = sub.add_parser("push", help="upload an export to the Hugging Face hub (token: HF_TOKEN or `hf auth login`)")
+    p.add_argument("--repo", required=True, help="hub repo id, e.g. you/nanochat-d20")
+    p.add_argument("--model", help="an export's key prefix, or a model to export now (key prefix or stage name); "
+                                   "default: the newest export, else the newest model")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--store")
+    p.add_argument("--dtype", default="float32", help="when exporting now: float32 (default) or bfloat16")
+
     p = sub.add_parser("ui", help="start a local Prefect server with pools, workers and deployments")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=4200)
@@ -175,6 +191,14 @@ def _other(args) -> None:
             from nanopipe.serve.app import serve_main
 
             serve_main(args.store, args.model, args.host, args.port, args.device, args.max_concurrency, args.max_queue)
+        elif args.cmd == "export":
+            from nanopipe.export import export_main
+
+            export_main(args.store, args.out, args.model, args.dtype)
+        elif args.cmd == "push":
+            from nanopipe.export import push_main
+
+            push_main(args.store, args.repo, args.model, args.private, args.dtype)
         elif args.cmd == "ui":
             from flows.ui import UIError, ui_main
 

@@ -239,6 +239,13 @@ class ServeConfig(Section):
     timeout_s: float = Field(120, gt=0)
 
 
+class ExportConfig(Section):
+    """The Hugging Face directory of the newest chat model (transformers' NanoChat architecture)."""
+    model: Literal["rl", "sft"] = "rl"  # which chat model of the chain to export
+    dtype: Literal["float32", "bfloat16"] = "float32"  # of model.safetensors
+    license: str = Field("mit", pattern=r"^[a-z0-9][a-z0-9.+-]*$")  # the model card's Hugging Face licence id
+
+
 class ReportConfig(Section):
     gpu_hour_usd: float | None = Field(None, ge=0)  # per GPU; None = a rough price by GPU model
 
@@ -255,6 +262,7 @@ class RunConfig(Section):
     rl: RLConfig = RLConfig()
     chat_eval: ChatEvalConfig = ChatEvalConfig()
     serve: ServeConfig = ServeConfig()
+    export: ExportConfig = ExportConfig()
     report: ReportConfig = ReportConfig()
 
     def section(self, stage: str) -> dict:

@@ -17,6 +17,8 @@ STAGES: dict[str, tuple[str, ...]] = {
     "rl": ("tokenizer", "sft"),
     "serve": ("tokenizer", "sft"),
     "chat_eval": ("tokenizer", "mid_train", "sft"),
+    # the newest chat model (export.model) as a Hugging Face directory; its card quotes the evaluations
+    "export": ("tokenizer", "base_eval", "sft", "rl", "chat_eval"),
 }
 # The report reads every other stage's manifest.
 STAGES["report"] = tuple(STAGES)
