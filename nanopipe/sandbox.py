@@ -191,7 +191,7 @@ def _privileged() -> bool:
 def _bwrap_argv(bwrap: str, seccomp_fd: int | None) -> list[str]:
     argv = [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
             "--hostname", "sandbox", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-            "--dev", "/dev", "--size", str(TMP_BYTES), "--tmpfs", "/tmp", "--chdir", "/tmp"]
+            "--dev", "/dev", "--perms", "1777", "--size", str(TMP_BYTES), "--tmpfs", "/tmp", "--chdir", "/tmp"]
     if _privileged():  # the bootstrap needs these two to drop to SANDBOX_UID; it loses them with it
         argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
@@ -514,7 +514,7 @@ def run_tests(program: str, tests: str, entry_point: str, prelude: str = "", tim
 def _execute(cfg: dict, allowed: list[str], timeout: float, memory_mb: int, max_output_chars: int) -> ExecResult:
     iso = isolation()
     programs = _seccomp_programs()
-    child_filters = [] if programs is None else ([programs[1]] if iso.available else list(programs))
+    child_filters = [] if programs is None else [p for p in (programs[1:] if iso.available else programs) if p]
     fds: list[int] = []  # ours, closed once the child has them
 
     def pipe() -> tuple[int, int]:
