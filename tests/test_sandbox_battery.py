@@ -270,8 +270,7 @@ def test_os_layer_alone_contains_forks_and_grandchildren(tmp_path, monkeypatch):
     namespace, RLIMIT_NPROC and the deadline must still hold."""
     start, _ = sandbox._seccomp_programs()
     monkeypatch.setattr(sandbox, "_seccomp_programs", lambda: (start, None))
-    grandchild = OFF + ("if os.fork() == 0:\n    os.setsid()\n    import time\n    time.sleep(60)\n"
-                        "print('parent done')\nimport time\ntime.sleep(60)")
+    grandchild = OFF + "if os.fork() == 0:\n    os.setsid()\n    import time\n    time.sleep(60)\nprint('parent done')"
     bomb = OFF + ("n = 0\nwhile True:\n    try:\n        if os.fork() == 0:\n            import time\n"
                   "            time.sleep(60)\n        n += 1\n    except OSError:\n        print('forks', n)\n        break\n")
     rows = run_battery(tmp_path, [("setsid grandchild (fork allowed)", grandchild, False),
@@ -279,6 +278,9 @@ def test_os_layer_alone_contains_forks_and_grandchildren(tmp_path, monkeypatch):
                                   ("fork, child writes canary (fork allowed)", OS + OFF + PAYLOADS["fork"], False)])
     print("\n" + table(rows))
     assert all(r.contained for r in rows), table(rows)
+    t0 = time.monotonic()
+    r = run_python(grandchild, timeout=20)  # the program ends at once: its grandchild must not hold the call
+    assert r.ok and r.stdout == "parent done\n" and time.monotonic() - t0 < 10, r
     r = run_python(bomb, timeout=5)
     assert r.ok and 0 < int(r.stdout.split()[-1]) < sandbox.MAX_PROCESSES, r  # RLIMIT_NPROC stopped it
 
