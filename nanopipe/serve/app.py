@@ -40,7 +40,7 @@ from typing import Annotated, Any, Callable, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
@@ -701,7 +701,8 @@ def create_app(engine: Engine, model_name: str = "nanopipe", limits: Limits | No
     async def index():
         return FileResponse(STATIC_DIR / "index.html")
 
-    @app.post("/chat/completions", response_class=EventStream, responses={**ERROR_DOCS, 200: {
+    # response_class Response: the 200 is documented as text/event-stream only, errors as JSON
+    @app.post("/chat/completions", response_class=Response, responses={**ERROR_DOCS, 200: {
         "content": SSE_DOC, "description": 'Server-sent events: {"text": ...} pieces, then {"done": true, '
                                            '"finish_reason": ..., "usage": ...} or {"error": ...}'}})
     async def chat_completions(body: ChatRequest, request: Request):
