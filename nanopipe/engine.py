@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from nanopipe.model import LOGIT_SOFTCAP, GPT, apply_rotary, norm
-from nanopipe.sandbox import calculator, run_python
+from nanopipe.sandbox import calculator, isolation, run_python
 from nanopipe.tokenizer import Tokenizer
 
 MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy: logits / temperature would overflow
@@ -223,6 +223,8 @@ class Engine:
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
         self.tools = tools
+        if tools:
+            isolation()  # find the sandbox now: a warning at start (once) if model-written code would run unisolated
         self.tool_timeout = tool_timeout
         self.tool_memory_mb = tool_memory_mb
         self.vocab_size = cfg.vocab_size
