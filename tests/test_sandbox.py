@@ -229,3 +229,21 @@ def test_humaneval_whole_function_completions(problems):
     assert check_completion(p["prompt"], completion, p["test"], p["entry_point"]).ok
     broken = completion.replace("return string + string[:beginning_of_suffix][::-1]", "return string")
     assert not check_completion(p["prompt"], broken, p["test"], p["entry_point"]).ok
+
+
+def test_missing_bubblewrap_is_said_once_naming_it_and_the_hooks_still_run(monkeypatch, caplog):
+    from nanopipe import sandbox
+
+    sandbox.isolation.cache_clear()
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    try:
+        with caplog.at_level("WARNING", logger="nanopipe.sandbox"):
+            iso = sandbox.isolation()
+            sandbox.isolation()
+        assert not iso.available and any("bubblewrap" in m for m in iso.missing)
+        assert len([r for r in caplog.records if "bubblewrap" in r.getMessage()]) == 1
+        r = run_python("print(6 * 7)")
+        assert r.ok and r.stdout == "42\n"
+        assert run_python("import socket").error == "ImportError: sandbox: import of 'socket' is not allowed"
+    finally:
+        sandbox.isolation.cache_clear()
