@@ -21,7 +21,7 @@ KEY = "fuzz-key"
 
 
 @pytest.mark.skipif(not SCHEMATHESIS.exists(), reason="schemathesis is not installed (pip install -e .[dev])")
-def test_schemathesis_finds_no_5xx_and_no_schema_violation():
+def test_schemathesis_finds_no_5xx_and_no_schema_violation(tmp_path):
     limits = Limits(max_tokens=8, default_max_tokens=8, max_samples=2, max_messages=4, max_message_chars=200,
                     max_total_chars=400)
     app = create_app(Engine(random_model(), train_tokenizer(), max_batch=4), model_name="fuzzed", max_queue=8,
@@ -30,7 +30,7 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation():
         run = subprocess.run([str(SCHEMATHESIS), "run", f"{url}/openapi.json", "-H", f"Authorization: Bearer {KEY}",
                               "--checks", CHECKS, "--max-examples", "10", "--seed", "1", "--no-color",
                               "--request-timeout", "60", "--suppress-health-check", "all"],
-                             capture_output=True, text=True, timeout=900)
+                             capture_output=True, text=True, timeout=900, cwd=tmp_path)  # its cache goes there
     cases = re.search(r"^\s*(\d+) generated, (.*)$", run.stdout, re.M)
     summary = [line.strip("= ") for line in run.stdout.splitlines() if line.startswith("=") and " in " in line]
     print(f"\nschemathesis: {cases.group(0).strip() if cases else '?'} | {summary[-1] if summary else '?'}")
