@@ -247,3 +247,15 @@ def test_missing_bubblewrap_is_said_once_naming_it_and_the_hooks_still_run(monke
         assert run_python("import socket").error == "ImportError: sandbox: import of 'socket' is not allowed"
     finally:
         sandbox.isolation.cache_clear()
+
+
+@pytest.mark.parametrize("completion", [
+    "    raise SystemExit\n",  # before the tests' asserts
+    "    import typing\n    typing.sys.modules['os']._exit(0)\n",
+    "    print('{\"ok\": true, \"error\": null, \"memory\": false}')\n    raise SystemExit(0)\n",
+    "    import typing\n    os = typing.sys.modules['os']\n    os.kill(os.getpid(), 9)\n",
+])
+def test_humaneval_verdicts_cannot_be_forged(problems, completion):
+    p = problems[0]
+    r = check_completion(p["prompt"], completion, p["test"], p["entry_point"])
+    assert not r.ok, r
