@@ -7,7 +7,6 @@ Run `python tests/test_sandbox_battery.py` for the table (case, contained, how c
 """
 
 import os
-import signal
 import socket
 import subprocess
 import sys
