@@ -583,7 +583,7 @@ def _execute(cfg: dict, allowed: list[str], timeout: float, memory_mb: int, max_
     else:
         why = f"exited with code {rc}"
     if status is None and rc == 0:
-        why = "ended without a verdict from the tests"
+        why = "ended without a valid status" + (" (no verdict from the tests)" if cfg["mode"] == "tests" else "")
     return ExecResult(False, stdout, stderr, ("MemoryError: " if memory else "") + f"process {why}",
                       memory_exceeded=memory)
 
