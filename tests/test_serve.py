@@ -543,3 +543,19 @@ def test_exposure_rules(monkeypatch):
         check_exposure("0.0.0.0", tools=True, allow_unsandboxed_tools=False, allowed_hosts=None, api_keys=("k",))
     assert check_exposure("0.0.0.0", tools=True, allow_unsandboxed_tools=False, allowed_hosts=("a.b",),
                           api_keys=("k",)) == []
+
+
+def test_serve_cli_flags_and_env_key_reach_the_server(monkeypatch, tmp_path):
+    import nanopipe.serve.app as app_module
+    from nanopipe import cli
+
+    seen = {}
+    monkeypatch.setattr(app_module, "serve_main", lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs))
+    monkeypatch.setenv("NANOPIPE_API_KEY", "env-key,second-key")
+    cli.main(["serve", "--store", str(tmp_path), "--host", "0.0.0.0", "--allowed-host", "chat.example.org",
+              "--api-key", "flag-key", "--cors-origin", "https://app.example.org", "--max-body-bytes", "1000",
+              "--max-per-client", "2", "--no-tools"])
+    kw = seen["kwargs"]
+    assert kw["api_keys"] == ("flag-key", "env-key", "second-key")
+    assert kw["allowed_hosts"] == ("chat.example.org",) and kw["cors_origins"] == ("https://app.example.org",)
+    assert (kw["max_body_bytes"], kw["max_per_client"], kw["tools"], kw["allow_unsandboxed_tools"]) == (1000, 2, False, False)
