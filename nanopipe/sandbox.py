@@ -540,6 +540,7 @@ def _execute(cfg: dict, allowed: list[str], timeout: float, memory_mb: int, max_
         argv = _bwrap_argv(iso.bwrap, seccomp_fd) + argv
     os.close(nonce_w)
     fds.remove(nonce_w)
+    started = time.monotonic()
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 pass_fds=pass_fds, env={}, cwd="/", start_new_session=True)
@@ -567,7 +568,9 @@ def _execute(cfg: dict, allowed: list[str], timeout: float, memory_mb: int, max_
     if cfg["mode"] == "tests" and status is not None and status.get("nonce") != nonce:
         status = None  # not written by the harness
     rc = proc.returncode
-    cpu_killed = rc in (-signal.SIGXCPU, -signal.SIGKILL, 128 + signal.SIGXCPU, 128 + signal.SIGKILL) and not killed
+    # RLIMIT_CPU sends SIGXCPU, then SIGKILL a second later: only possible once that much time has passed
+    cpu_killed = not killed and (rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU) or (
+        rc in (-signal.SIGKILL, 128 + signal.SIGKILL) and time.monotonic() - started >= cfg["cpu_seconds"]))
     if killed or (cpu_killed and status is None):
         why = f"wall-clock timeout after {timeout:g}s" if killed else f"CPU time limit of {cfg['cpu_seconds']}s"
         return ExecResult(False, stdout, stderr, f"Timeout: {why}", timed_out=True)
