@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 import time
 
@@ -101,6 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--port", type=int, default=8000)
             p.add_argument("--max-concurrency", type=int, default=16)
             p.add_argument("--max-queue", type=int, default=64)
+            p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                           help="require this Bearer key (repeatable; also $NANOPIPE_API_KEY, comma-separated)")
+            p.add_argument("--allowed-host", action="append", default=None, metavar="HOST",
+                           help="accepted Host header (repeatable; default: the bound address when not loopback)")
+            p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                           help="let pages from ORIGIN call the API (repeatable; default: CORS off)")
+            p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+            p.add_argument("--max-per-client", type=int, default=16, help="requests in flight per client (429 past it)")
+            p.add_argument("--no-tools", action="store_true", help="do not run the model's python tool calls")
+            p.add_argument("--allow-unsandboxed-tools", action="store_true",
+                           help="serve tools beyond loopback even without OS isolation (bubblewrap)")
 
     p = sub.add_parser("export", help="write a model from the store as a Hugging Face transformers directory")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
@@ -190,7 +202,12 @@ def _other(args) -> None:
         elif args.cmd == "serve":
             from nanopipe.serve.app import serve_main
 
-            serve_main(args.store, args.model, args.host, args.port, args.device, args.max_concurrency, args.max_queue)
+            keys = tuple(args.api_key) + tuple(k for k in os.environ.get("NANOPIPE_API_KEY", "").split(",") if k)
+            serve_main(args.store, args.model, args.host, args.port, args.device, args.max_concurrency, args.max_queue,
+                       api_keys=keys, allowed_hosts=tuple(args.allowed_host) if args.allowed_host else None,
+                       cors_origins=tuple(args.cors_origin),
+                       max_body_bytes=args.max_body_bytes, max_per_client=args.max_per_client,
+                       tools=not args.no_tools, allow_unsandboxed_tools=args.allow_unsandboxed_tools)
         elif args.cmd == "export":
             from nanopipe.export import export_main
 

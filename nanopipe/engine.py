@@ -24,7 +24,11 @@ tokens and marked forced (mask 0) in the results.
 
 Sampling: temperature (0 = greedy), top-k, top-p. Each row has its own torch.Generator seeded
 from (request seed, sample index), so a seeded request gives the same samples whatever else
-shares the batch and however long tools take.
+shares the batch and however long tools take. A temperature below MIN_TEMPERATURE (too small
+to divide by) is greedy.
+
+Errors stay in their row: a request whose logits are not finite, or whose sampling fails, ends
+(each sample with finish_reason "error", the reason in request.error) and every other row goes on.
 """
 
 from __future__ import annotations
@@ -39,9 +43,10 @@ import torch
 import torch.nn.functional as F
 
 from nanopipe.model import LOGIT_SOFTCAP, GPT, apply_rotary, norm
-from nanopipe.sandbox import calculator, run_python
+from nanopipe.sandbox import calculator, isolation, run_python
 from nanopipe.tokenizer import Tokenizer
 
+MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy: logits / temperature would overflow
 MAX_TOOL_OUTPUT_CHARS = 1000  # a tool's answer goes into the context: keep it short
 _PREFILL_PAD_WASTE = 1.5  # prompts prefill together while padded tokens <= this x real tokens
 
@@ -49,11 +54,15 @@ _PREFILL_PAD_WASTE = 1.5  # prompts prefill together while padded tokens <= this
 @dataclass
 class SamplingParams:
     max_tokens: int = 256  # generated tokens per sample, tool outputs included
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or below MIN_TEMPERATURE) = greedy
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None  # None: fresh entropy
     num_samples: int = 1
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < MIN_TEMPERATURE
 
     def check(self, vocab_size: int) -> None:
         """ValueError naming the first bad field."""
@@ -82,7 +91,7 @@ class TokenEvent:
     sample: int
     token: int | None
     forced: bool = False  # written by the engine (tool output), not sampled
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" on the final event
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" on the final event
 
 
 class Request:
@@ -98,6 +107,7 @@ class Request:
         self.masks: list[list[int]] = [[] for _ in range(n)]
         self.finish_reasons: list[str | None] = [None] * n
         self.cancelled = False
+        self.error: str | None = None  # why it ended with "error"
 
     @property
     def done(self) -> bool:
@@ -169,8 +179,8 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int | None =
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, V) logits -> (B,) token ids. temperature 0 is greedy (argmax)."""
-    if temperature == 0:
+    """(B, V) logits -> (B,) token ids. temperature 0 (below MIN_TEMPERATURE) is greedy (argmax)."""
+    if temperature < MIN_TEMPERATURE:
         return logits.argmax(dim=-1)
     return torch.multinomial(sampling_probs(logits, temperature, top_k, top_p), 1, generator=generator)[:, 0]
 
@@ -213,6 +223,8 @@ class Engine:
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
         self.tools = tools
+        if tools:
+            isolation()  # find the sandbox now: a warning at start (once) if model-written code would run unisolated
         self.tool_timeout = tool_timeout
         self.tool_memory_mb = tool_memory_mb
         self.vocab_size = cfg.vocab_size
@@ -305,8 +317,11 @@ class Engine:
             for s in range(len(request.tokens)):
                 self._finish_sample(request, s, "cancelled", events)
         for row in self.rows:
-            if row.request.cancelled and row.request.finish_reasons[row.sample] is None:
-                self._finish(row, "cancelled", events)
+            if row.request.finish_reasons[row.sample] is None:
+                if row.request.cancelled:
+                    self._finish(row, "cancelled", events)
+                elif row.request.error is not None:  # a sibling sample failed (e.g. while this one waited on a tool)
+                    self._finish(row, "error", events)
         self._remove_finished()
 
     def _admit(self, events: list[TokenEvent]) -> bool:
@@ -352,7 +367,7 @@ class Engine:
 
     def _new_row(self, request: Request, sample: int) -> _Row:
         gen = None
-        if request.params.temperature > 0:
+        if not request.params.greedy:
             seed = request.params.seed
             if seed is None:
                 seed = int.from_bytes(os.urandom(8), "little") >> 1
@@ -376,7 +391,9 @@ class Engine:
         rows = [self.rows[i] for i in ready]
         for row, token in zip(rows, self._choose(rows, logits)):
             row.last = None
-            if row.length >= self.max_seq_len:
+            if row.request.error is not None:
+                self._finish(row, "error", events)  # this request failed; the others go on
+            elif row.length >= self.max_seq_len:
                 self._finish(row, "length", events)  # the context is full
             elif row.forced:
                 self._emit(row, row.forced.popleft(), True, events)
@@ -386,7 +403,12 @@ class Engine:
 
     def _choose(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
         """The sampled next token of each row: greedy rows in one argmax; sampled rows filtered
-        per request (shared settings) and drawn per row (own generator)."""
+        per request (shared settings) and drawn per row (own generator). A request whose logits
+        are not finite, or whose sampling raises, gets request.error (its rows' tokens are unused)."""
+        bad = (~torch.isfinite(logits).all(dim=-1)).tolist()
+        for row, nonfinite in zip(rows, bad):
+            if nonfinite and row.request.error is None:
+                row.request.error = "the model produced non-finite logits"
         if all(r.generator is None for r in rows):
             return logits.argmax(dim=-1).tolist()
         chosen = [0] * len(rows)
@@ -396,13 +418,17 @@ class Engine:
                 chosen[j] = t
         by_request: dict[int, list[int]] = {}
         for j, r in enumerate(rows):
-            if r.generator is not None:
+            if r.generator is not None and r.request.error is None:
                 by_request.setdefault(r.request.id, []).append(j)
         for js in by_request.values():
-            p = rows[js[0]].request.params
-            probs = sampling_probs(logits[js] if len(js) < len(rows) else logits, p.temperature, p.top_k, p.top_p)
-            for j, row_probs in zip(js, probs):
-                chosen[j] = int(torch.multinomial(row_probs, 1, generator=rows[j].generator))
+            request = rows[js[0]].request
+            p = request.params
+            try:
+                probs = sampling_probs(logits[js] if len(js) < len(rows) else logits, p.temperature, p.top_k, p.top_p)
+                for j, row_probs in zip(js, probs):
+                    chosen[j] = int(torch.multinomial(row_probs, 1, generator=rows[j].generator))
+            except (RuntimeError, ValueError) as e:  # e.g. "probability tensor contains inf/nan"
+                request.error = f"sampling failed: {e}"
         return chosen
 
     def _emit(self, row: _Row, token: int, forced: bool, events: list[TokenEvent]) -> None:

@@ -69,7 +69,18 @@ if [ "$(cat "$STAMPS/rustbpe" 2>/dev/null)" != "$bpe_hash" ] || ! "$VPY" -c "imp
 else
   say "rustbpe build up to date"
 fi
-# 5. Test-only: a headless Chromium for the web UI test (Debian's package; skipped when apt is unavailable).
+# 5. The sandbox's OS layer for model-written code: bubblewrap (+ libseccomp for its seccomp filters).
+if ! command -v bwrap >/dev/null || ! ldconfig -p 2>/dev/null | grep -q libseccomp.so.2; then
+  if command -v apt-get >/dev/null; then
+    say "installing bubblewrap and libseccomp2 (the sandbox for model-written code)"
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    ($SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq bubblewrap libseccomp2 >/dev/null) \
+      || say "WARNING: could not install bubblewrap: model-written code will run without OS isolation"
+  else
+    say "WARNING: bubblewrap (bwrap) not found and apt-get unavailable: install bubblewrap by hand, or model-written code runs without OS isolation"
+  fi
+fi
+# 6. Test-only: a headless Chromium for the web UI test (Debian's package; skipped when apt is unavailable).
 if [ "${SETUP_TEST_DEPS:-0}" = 1 ] && [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
   say "installing chromium for the browser test"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

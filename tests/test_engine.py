@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanopipe import engine as engine_mod
 from nanopipe.engine import Engine, KVCache, TextStream, generate_without_cache, sampling_probs
 from nanopipe.model import GPT, GPTConfig
 from nanopipe.tokenizer import Tokenizer
@@ -163,6 +164,65 @@ def test_top_k_1_sampling_is_greedy(tok, model):
     prompt = prompts(tok)[2]
     sampled, _ = engine.generate_batch(prompt, max_tokens=20, temperature=1.5, top_k=1, seed=3)
     assert sampled[0][len(prompt):] == generate_without_cache(model, prompt, 20, engine.stop_ids)
+
+
+def test_temperature_too_small_to_divide_by_is_greedy(tok, model):
+    engine = Engine(model, tok, max_batch=2)
+    prompt = prompts(tok)[2]
+    greedy, _ = engine.generate_batch(prompt, max_tokens=12, temperature=0)
+    for t in (1e-200, 5e-324, 1e-6):
+        out, _ = engine.generate_batch(prompt, max_tokens=12, temperature=t, seed=1)
+        assert out == greedy, t
+
+
+class PoisonedEngine(Engine):
+    """The model breaks (NaN logits) for the requests in `poisoned`, from their 3rd decode step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.poisoned: set[int] = set()
+
+    def _decode(self):
+        logits = super()._decode()
+        for i, row in enumerate(self.rows):
+            if row.request.id in self.poisoned and row.generated >= 3:
+                logits[i] = float("nan")
+        return logits
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_a_poisoned_request_ends_alone_and_the_other_11_streams_finish(tok, model, temperature):
+    ps = [prompts(tok)[i % 4] for i in range(12)]
+    clean = Engine(model, tok, max_batch=12).generate_many(ps, max_tokens=10, temperature=temperature, seed=5)
+    engine = PoisonedEngine(model, tok, max_batch=12)
+    requests = [engine.add_request(p, max_tokens=10, temperature=temperature, seed=5, num_samples=1) for p in ps]
+    engine.poisoned.add(requests[5].id)
+    while engine.has_work():
+        engine.step()
+    assert requests[5].finish_reasons == ["error"] and "non-finite" in requests[5].error
+    assert len(requests[5].tokens[0]) == 3  # what it made before the fault is kept
+    for i, (r, c) in enumerate(zip(requests, clean)):
+        if i != 5:
+            assert r.error is None and r.finish_reasons[0] in ("stop", "length")
+            assert r.tokens == c.tokens  # untouched by the neighbour's failure
+
+
+def test_a_request_whose_sampling_raises_ends_alone(tok, model, monkeypatch):
+    engine = Engine(model, tok, max_batch=4)
+    good = engine.add_request(prompts(tok)[0], max_tokens=8, temperature=0.8, seed=1)
+    bad = engine.add_request(prompts(tok)[1], max_tokens=8, temperature=0.8, top_p=0.5, seed=1, num_samples=2)
+    real = engine_mod.sampling_probs
+
+    def flaky(logits, temperature, top_k=None, top_p=None):
+        if top_p == 0.5:
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return real(logits, temperature, top_k, top_p)
+
+    monkeypatch.setattr(engine_mod, "sampling_probs", flaky)
+    while engine.has_work():
+        engine.step()
+    assert bad.finish_reasons == ["error", "error"] and "probability tensor" in bad.error
+    assert good.error is None and good.finish_reasons[0] in ("stop", "length") and good.tokens[0]
 
 
 class ScriptedEngine(Engine):

