@@ -3,20 +3,18 @@
 A stage is a module in ``nanopipe/stages`` with::
 
     VERSION: int              bump to invalidate every cached output of the stage
-    CODE: tuple[str, ...]      library modules whose source is part of the stage's key
     run(ctx) -> dict           does the work, writes through ctx.writer, returns metrics
     LAUNCH = "torchrun"        (optional) run() happens in a torchrun child; see launch_child
     prepare(section)           (optional, torchrun stages) one-time work in the parent, e.g. downloads
 
-The upstream stages each stage reads are listed in ``nanopipe.stages.STAGES``.
+The upstream stages each stage reads are listed in ``nanopipe.stages.STAGES``. The code a stage's
+key covers is found from its imports (``nanopipe.codeid``): nothing to list by hand.
 Flows call ``run_stage`` inside a Prefect task; ``python -m nanopipe stage NAME`` calls it directly.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import importlib.util
 import json
 import os
 import posixpath
@@ -24,11 +22,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Callable
 
 from pydantic import BaseModel
 
+from nanopipe.codeid import combined_digest, declared_version, module_digests
 from nanopipe.config import RunConfig
 from nanopipe.faults import reset_faults
 from nanopipe.launch import run_streaming, torchrun_command, training_env
@@ -64,25 +62,36 @@ class StageContext:
 
 
 def stage_module(name: str):
-    if name not in STAGES:
-        raise StageError(f"unknown stage {name!r}; stages are: {', '.join(STAGES)}")
+    _check_stage(name)
     return importlib.import_module(f"nanopipe.stages.{name}")
 
 
+def _check_stage(name: str) -> None:
+    if name not in STAGES:
+        raise StageError(f"unknown stage {name!r}; stages are: {', '.join(STAGES)}")
+
+
 @lru_cache(maxsize=None)
+def _code_identity(name: str) -> tuple[str, int, tuple[tuple[str, str], ...]]:
+    _check_stage(name)
+    module = f"nanopipe.stages.{name}"
+    version = declared_version(module)
+    if version is None:
+        raise StageError(f"stage {name}: {module} must declare VERSION = <int> at module level")
+    modules = module_digests(module)
+    return f"v{version}-{combined_digest(modules)}", version, tuple(modules.items())
+
+
 def code_version(name: str) -> str:
-    """Explicit per-stage VERSION plus a hash of the source of the stage and the modules it lists."""
-    mod = stage_module(name)
-    h = hashlib.sha256()
-    for modname in (mod.__name__, *mod.CODE):
-        spec = importlib.util.find_spec(modname)
-        if spec is None or not spec.origin:
-            raise StageError(f"stage {name}: CODE lists {modname!r}, which cannot be found")
-        # A package stands for all of its modules.
-        files = sorted(Path(spec.origin).parent.glob("*.py")) if spec.submodule_search_locations else [spec.origin]
-        for path in files:
-            h.update(f"{modname}:{Path(path).name}".encode() + b"\0" + Path(path).read_bytes())
-    return f"v{mod.VERSION}-{h.hexdigest()[:16]}"
+    """The stage's VERSION plus a digest over the normal form of the stage module and every nanopipe
+    module it imports, transitively (nanopipe.codeid); read from the source, once per process."""
+    return _code_identity(name)[0]
+
+
+def code_record(name: str) -> dict:
+    """What a manifest keeps of the code behind its key, so `status` can say which modules changed."""
+    full, version, modules = _code_identity(name)
+    return {"code_version": full, "code": {"version": version, "modules": dict(modules)}}
 
 
 def compute_key(cfg: RunConfig, name: str, upstream: dict[str, dict]) -> str:
@@ -106,8 +115,13 @@ def run_stage(store: Store, cfg: RunConfig, name: str, upstream: dict[str, dict]
     if manifest is not None and not force:
         return manifest, True
     if force:
+        log(f"[{name}] runs: forced")
         # A forced rerun starts from scratch: drop the old output and any resume state.
         store.remove(store.stage_dir(name, key))
+    else:
+        from nanopipe.why import why  # why imports this module
+
+        log(f"[{name}] runs: " + "; ".join(why(store, cfg, name, upstream)["reasons"]))
     upstream = {u: upstream[u] for u in STAGES[name]}
     if getattr(mod, "LAUNCH", None) == "torchrun":
         if hasattr(mod, "prepare"):
@@ -117,8 +131,9 @@ def run_stage(store: Store, cfg: RunConfig, name: str, upstream: dict[str, dict]
 
 
 def execute(store: Store, name: str, key: str, config: BaseModel, upstream: dict[str, dict],
-            log: Log = print, rank: int = 0, world_size: int = 1) -> dict | None:
-    """Run the stage body in this process; rank 0 commits the manifest."""
+            log: Log = print, rank: int = 0, world_size: int = 1, code: dict | None = None) -> dict | None:
+    """Run the stage body in this process; rank 0 commits the manifest (with ``code``: the code_record
+    the key was computed from, passed by a parent process; default: this process's)."""
     mod = stage_module(name)
     started = time.time()
     reset_faults()
@@ -128,8 +143,10 @@ def execute(store: Store, name: str, key: str, config: BaseModel, upstream: dict
     metrics = mod.run(ctx) or {}
     if rank != 0:
         return None
+    code = code or code_record(name)
     manifest = writer.commit(config=config.model_dump(mode="json"), upstream=upstream,
-                             code_version=code_version(name), metrics=metrics, started_at=started)
+                             code_version=code["code_version"], metrics=metrics, started_at=started,
+                             extra={"code": code["code"]})
     log(f"[{name}] committed {len(manifest['files'])} files in {manifest['timings']['seconds']:.1f}s")
     return manifest
 
@@ -156,7 +173,8 @@ def launch_child(store: Store, cfg: RunConfig, name: str, key: str, upstream: di
     section = getattr(cfg, name)
     writer = store.writer(name, key)
     store.fs.makedirs(writer.work, exist_ok=True)
-    spec = {"stage": name, "key": key, "config": section.model_dump(mode="json"), "upstream": upstream}
+    spec = {"stage": name, "key": key, "config": section.model_dump(mode="json"), "upstream": upstream,
+            "code": code_record(name)}
     store.fs.pipe_file(writer.work_path(LAUNCH_SPEC), json.dumps(spec).encode())
     cmd = torchrun_command(
         "nanopipe.runner", ["--store", store.url, "--stage", name, "--key", key],
@@ -202,7 +220,8 @@ def child_main(argv: list[str] | None = None) -> None:
     config = model_cls.model_validate(spec["config"])
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     log = print if rank == 0 else (lambda s: None)
-    execute(store, a.stage, a.key, config, spec["upstream"], log=log, rank=rank, world_size=world)
+    execute(store, a.stage, a.key, config, spec["upstream"], log=log, rank=rank, world_size=world,
+            code=spec.get("code"))
     sys.stdout.flush()
 
 

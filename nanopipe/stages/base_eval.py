@@ -23,8 +23,6 @@ if TYPE_CHECKING:
 
 VERSION = 1
 LAUNCH = "torchrun"
-CODE = ("nanopipe.eval.bpb", "nanopipe.eval.core", "nanopipe.eval.core_data", "nanopipe.data.loader",
-        "nanopipe.loading", "nanopipe.model", "nanopipe.engine")
 
 
 def prepare(cfg) -> None:

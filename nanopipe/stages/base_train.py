@@ -11,8 +11,6 @@ if TYPE_CHECKING:
 
 VERSION = 1
 LAUNCH = "torchrun"
-CODE = ("nanopipe.train.base", "nanopipe.train.common", "nanopipe.model", "nanopipe.optim",
-        "nanopipe.data.loader", "nanopipe.eval.bpb", "nanopipe.tokenizer", "nanopipe.loading")
 
 
 def run(ctx: "StageContext") -> dict:

@@ -16,8 +16,6 @@ if TYPE_CHECKING:
 
 VERSION = 1
 LAUNCH = "torchrun"
-CODE = ("nanopipe.eval.chat", "nanopipe.engine", "nanopipe.chat", "nanopipe.sandbox", "nanopipe.loading",
-        "nanopipe.model", "nanopipe.tasks")
 PHASES = {"mid": "mid_train", "sft": "sft"}
 
 

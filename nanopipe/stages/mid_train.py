@@ -11,8 +11,6 @@ if TYPE_CHECKING:
 
 VERSION = 1
 LAUNCH = "torchrun"
-CODE = ("nanopipe.train.chat_sft", "nanopipe.train.common", "nanopipe.chat", "nanopipe.model", "nanopipe.optim",
-        "nanopipe.loading", "nanopipe.tasks")
 
 
 def run(ctx: "StageContext") -> dict:

@@ -11,8 +11,6 @@ if TYPE_CHECKING:
 
 VERSION = 1
 LAUNCH = "torchrun"
-CODE = ("nanopipe.train.rl", "nanopipe.train.common", "nanopipe.engine", "nanopipe.sandbox", "nanopipe.chat",
-        "nanopipe.model", "nanopipe.optim", "nanopipe.loading", "nanopipe.tasks")
 
 
 def prepare(section) -> None:

@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from nanopipe.runner import StageContext
 
 VERSION = 1
-CODE = ("nanopipe.serve.app", "nanopipe.engine", "nanopipe.loading", "nanopipe.chat")
 
 
 def _free_port() -> int:

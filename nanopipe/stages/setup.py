@@ -12,7 +12,6 @@ if TYPE_CHECKING:
     from nanopipe.runner import StageContext
 
 VERSION = 1
-CODE: tuple[str, ...] = ()
 
 _PACKAGES = ("torch", "prefect", "tiktoken", "pyarrow", "fsspec", "s3fs", "pydantic", "fastapi", "uvicorn", "numpy")
 
