@@ -117,10 +117,14 @@ def _reasons(d: dict) -> list[str]:
         out.append("code: " + "; ".join(parts))
     if code["code_version"]:
         out.append("code: version {} -> {} (that build recorded no module digests)".format(*code["code_version"]))
+    waits = [u["stage"] for u in d["upstream"] if u["change"] == "not built"]
+    if waits:
+        out.append(f"upstream: {', '.join(waits)} {'is' if len(waits) == 1 else 'are'} not built for this config "
+                   f"({'it runs' if len(waits) == 1 else 'they run'} first)")
     for u in d["upstream"]:
         if u["change"] == "not built":
-            out.append(f"upstream: {u['stage']} is not built for this config (it runs first)")
-        elif u["change"] == "different outputs":
+            continue
+        if u["change"] == "different outputs":
             was = "rebuilt" if u["old"] == u["new"] else f"was {u['old'][:16]}, now {u['new'][:16]}"
             out.append(f"upstream: {u['stage']} has different outputs ({was})")
         else:

@@ -104,8 +104,7 @@ def test_changed_upstream_outputs_are_the_reason_and_never_built_says_so(tmp_pat
     rows, text = status(empty, capsys)
     assert set(states(text).values()) == {"missing"}
     assert rows["base_train"]["why"]["reasons"] == ["never built",
-                                                   "upstream: tokenizer is not built for this config (it runs first)",
-                                                   "upstream: data is not built for this config (it runs first)"]
+                                                   "upstream: tokenizer, data are not built for this config (they run first)"]
 
 
 def test_the_run_log_says_why_a_stage_runs(built, edited_source):
