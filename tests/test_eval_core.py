@@ -305,6 +305,7 @@ def _distributed_worker(rank, world, init_file, out_file):
         dist.destroy_process_group()
 
 
+@pytest.mark.e2e
 def test_two_ranks_match_one_process(tmp_path):
     out = tmp_path / "rank0.json"
     mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
