@@ -70,6 +70,25 @@ def module_digests(module: str, root: Path = ROOT) -> dict[str, str]:
     return dict(sorted(digests.items()))
 
 
+def stage_code(stage: str) -> dict:
+    """What a stage's key and manifest hold of its code: {"code_version": "v{VERSION}-{digest}",
+    "code": {"version": VERSION, "modules": {module: digest}}}. Read from the source, once per process."""
+    code_version, version, modules = _stage_identity(stage)
+    return {"code_version": code_version, "code": {"version": version, "modules": dict(modules)}}
+
+
+@lru_cache(maxsize=None)
+def _stage_identity(stage: str) -> tuple[str, int, tuple[tuple[str, str], ...]]:
+    module = f"{REGISTRY}.{stage}"
+    if module_path(module) is None:
+        raise ValueError(f"stage {stage}: there is no module {module}")
+    version = declared_version(module)
+    if version is None:
+        raise ValueError(f"stage {stage}: {module} must declare VERSION = <int> at module level")
+    modules = module_digests(module)
+    return f"v{version}-{combined_digest(modules)}", version, tuple(modules.items())
+
+
 def declared_version(module: str, root: Path = ROOT) -> int | None:
     """The module's ``VERSION = <int>`` (read from the source: no import needed), or None."""
     path = module_path(module, root)

@@ -21,17 +21,17 @@ import posixpath
 import sys
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Callable
 
 from pydantic import BaseModel
 
-from nanopipe.codeid import combined_digest, declared_version, module_digests
+from nanopipe.codeid import stage_code
 from nanopipe.config import RunConfig
 from nanopipe.faults import reset_faults
 from nanopipe.launch import run_streaming, torchrun_command, training_env
 from nanopipe.stages import STAGES
 from nanopipe.store import Store, StageWriter, StoreError, cache_dir, output_digest, stage_key
+from nanopipe.why import why
 
 Log = Callable[[str], None]
 
@@ -71,27 +71,11 @@ def _check_stage(name: str) -> None:
         raise StageError(f"unknown stage {name!r}; stages are: {', '.join(STAGES)}")
 
 
-@lru_cache(maxsize=None)
-def _code_identity(name: str) -> tuple[str, int, tuple[tuple[str, str], ...]]:
-    _check_stage(name)
-    module = f"nanopipe.stages.{name}"
-    version = declared_version(module)
-    if version is None:
-        raise StageError(f"stage {name}: {module} must declare VERSION = <int> at module level")
-    modules = module_digests(module)
-    return f"v{version}-{combined_digest(modules)}", version, tuple(modules.items())
-
-
 def code_version(name: str) -> str:
     """The stage's VERSION plus a digest over the normal form of the stage module and every nanopipe
     module it imports, transitively (nanopipe.codeid); read from the source, once per process."""
-    return _code_identity(name)[0]
-
-
-def code_record(name: str) -> dict:
-    """What a manifest keeps of the code behind its key, so `status` can say which modules changed."""
-    full, version, modules = _code_identity(name)
-    return {"code_version": full, "code": {"version": version, "modules": dict(modules)}}
+    _check_stage(name)
+    return stage_code(name)["code_version"]
 
 
 def compute_key(cfg: RunConfig, name: str, upstream: dict[str, dict]) -> str:
@@ -119,8 +103,6 @@ def run_stage(store: Store, cfg: RunConfig, name: str, upstream: dict[str, dict]
         # A forced rerun starts from scratch: drop the old output and any resume state.
         store.remove(store.stage_dir(name, key))
     else:
-        from nanopipe.why import why  # why imports this module
-
         log(f"[{name}] runs: " + "; ".join(why(store, cfg, name, upstream)["reasons"]))
     upstream = {u: upstream[u] for u in STAGES[name]}
     if getattr(mod, "LAUNCH", None) == "torchrun":
@@ -132,7 +114,7 @@ def run_stage(store: Store, cfg: RunConfig, name: str, upstream: dict[str, dict]
 
 def execute(store: Store, name: str, key: str, config: BaseModel, upstream: dict[str, dict],
             log: Log = print, rank: int = 0, world_size: int = 1, code: dict | None = None) -> dict | None:
-    """Run the stage body in this process; rank 0 commits the manifest (with ``code``: the code_record
+    """Run the stage body in this process; rank 0 commits the manifest (with ``code``: the stage_code
     the key was computed from, passed by a parent process; default: this process's)."""
     mod = stage_module(name)
     started = time.time()
@@ -143,7 +125,7 @@ def execute(store: Store, name: str, key: str, config: BaseModel, upstream: dict
     metrics = mod.run(ctx) or {}
     if rank != 0:
         return None
-    code = code or code_record(name)
+    code = code or stage_code(name)
     manifest = writer.commit(config=config.model_dump(mode="json"), upstream=upstream,
                              code_version=code["code_version"], metrics=metrics, started_at=started,
                              extra={"code": code["code"]})
@@ -174,7 +156,7 @@ def launch_child(store: Store, cfg: RunConfig, name: str, key: str, upstream: di
     writer = store.writer(name, key)
     store.fs.makedirs(writer.work, exist_ok=True)
     spec = {"stage": name, "key": key, "config": section.model_dump(mode="json"), "upstream": upstream,
-            "code": code_record(name)}
+            "code": stage_code(name)}
     store.fs.pipe_file(writer.work_path(LAUNCH_SPEC), json.dumps(spec).encode())
     cmd = torchrun_command(
         "nanopipe.runner", ["--store", store.url, "--stage", name, "--key", key],

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 
+from nanopipe.codeid import stage_code
 from nanopipe.config import RunConfig
-from nanopipe.runner import code_record
 from nanopipe.stages import STAGES
 from nanopipe.store import Store, StoreError, output_digest
 
@@ -34,7 +34,7 @@ def why(store: Store, cfg: RunConfig, name: str, upstream: dict[str, dict]) -> d
     "upstream": [{stage, change: "not built" | "different outputs" | "added" | "removed", old, new}],
     "reasons": [one line per kind of difference]}.
     """
-    now = {"config": cfg.section(name), **code_record(name),
+    now = {"config": cfg.section(name), **stage_code(name),
            "upstream": {u: upstream[u] for u in STAGES[name] if u in upstream}}
     try:
         builds, note = store.manifests(name), "never built"

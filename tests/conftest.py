@@ -85,7 +85,7 @@ def store_url(request, tmp_path):
 def edited_source(monkeypatch):
     """edit(module, change): the code identity reads change(text) for that real module; the tree is
     never written. Each call replaces the previous edit."""
-    from nanopipe import codeid, runner
+    from nanopipe import codeid
 
     real = codeid.read_source
 
@@ -93,7 +93,7 @@ def edited_source(monkeypatch):
         path = codeid.module_path(module)
         monkeypatch.setattr(codeid, "read_source",
                             lambda p: change(real(p).decode()).encode() if p == path else real(p))
-        runner._code_identity.cache_clear()
+        codeid._stage_identity.cache_clear()
 
     yield edit
-    runner._code_identity.cache_clear()
+    codeid._stage_identity.cache_clear()

@@ -13,7 +13,8 @@ from conftest import TRAIN as SHORT_TRAIN
 
 from nanopipe.cli import config_status
 from nanopipe.config import load_config
-from nanopipe.runner import code_record, compute_key, run_pipeline
+from nanopipe.codeid import stage_code
+from nanopipe.runner import compute_key, run_pipeline
 from nanopipe.store import Store
 
 pytestmark = pytest.mark.e2e
@@ -68,7 +69,7 @@ def test_loss_falls_and_manifest_is_complete(store, edited_source):
     assert {"model.pt", "model_config.json", "loss_curve.json"} <= {f["path"] for f in m["files"]}
     assert not store.fs.exists(store.work_dir("base_train", key))  # resume state is gone after commit
     # the torchrun child records the code the parent computed the key from; status names what changed since
-    assert {k: m[k] for k in ("code_version", "code")} == code_record("base_train")
+    assert {k: m[k] for k in ("code_version", "code")} == stage_code("base_train")
     edited_source("nanopipe.train.common", lambda t: t.replace('"A10": 125e12', '"A10": 126e12'))
     row = {r["stage"]: r for r in config_status(store, load_config("tiny", UPSTREAM + TRAIN))}["base_train"]
     assert not row["built"] and row["why"]["state"] == "stale" and row["why"]["closest"]["key"] == key

@@ -5,7 +5,7 @@ import textwrap
 import pytest
 
 from nanopipe import runner
-from nanopipe.codeid import module_digests
+from nanopipe.codeid import module_digests, stage_code
 from nanopipe.stages import STAGES
 
 
@@ -113,7 +113,7 @@ def test_package_init_counts_when_it_holds_code(pkg):
 # ----- the real stages -----
 
 def test_real_closures_hold_what_the_stages_import():
-    closure = {s: set(runner.code_record(s)["code"]["modules"]) for s in STAGES}
+    closure = {s: set(stage_code(s)["code"]["modules"]) for s in STAGES}
     # the modules the hand-written lists left out (the drift), found from the imports
     assert {"nanopipe.train.common", "nanopipe.train.base", "nanopipe.tokenizer"} <= closure["base_eval"]
     assert {"nanopipe.model", "nanopipe.tokenizer", "nanopipe.engine", "nanopipe.serve.app"} <= closure["serve"]
@@ -132,11 +132,11 @@ def test_real_edit_of_train_common_changes_exactly_the_training_and_eval_stages(
 
 
 def test_version_is_read_from_the_source_and_a_bump_changes_the_key(edited_source):
-    before = runner.code_record("sft")
+    before = stage_code("sft")
     edited_source("nanopipe.stages.sft", lambda t: t.replace("VERSION = 1", "VERSION = 2"))
-    after = runner.code_record("sft")
+    after = stage_code("sft")
     assert after["code"]["version"] == 2 and after["code_version"].startswith("v2-")
     assert after["code"]["modules"] == before["code"]["modules"]
     edited_source("nanopipe.stages.sft", lambda t: t.replace("VERSION = 1", "VERSION = '1'"))
-    with pytest.raises(runner.StageError, match="must declare VERSION"):
+    with pytest.raises(ValueError, match="must declare VERSION"):
         runner.code_version("sft")
