@@ -2,7 +2,7 @@
 
     nanopipe run [--preset tiny] [--set section.field=value ...] [--stages a,b] [--force STAGE] [--store URL]
     nanopipe stage NAME ...            one stage (and what it needs) directly, without Prefect
-    nanopipe status [--json]           each stage of a config: built or not, key, metrics, age
+    nanopipe status [--json]           each stage of a config: built, or why not (what differs from its last build)
     nanopipe artifacts ls|show KEY     browse the store: manifests, lineage, files
     nanopipe gc [--yes]                remove unfinished and unreferenced stage dirs (dry run by default)
     nanopipe verify [STAGE ...]        check every committed file of the store against its manifest
@@ -268,21 +268,23 @@ def _age(iso: str) -> str:
 
 
 def config_status(store: Store, cfg) -> list[dict]:
-    """For each stage: key (when computable), built or not, metrics, age."""
+    """For each stage: key (when computable), built or not, metrics, age; for one not built, why
+    (nanopipe.why: what differs from its closest committed build)."""
     from nanopipe.runner import lookup
+    from nanopipe.why import why
 
     built: dict[str, dict] = {}
     rows = []
     for name in STAGES:
-        missing = [u for u in STAGES[name] if u not in built]
-        if missing:
-            rows.append({"stage": name, "built": False, "key": None, "needs": missing})
-            continue
-        key, m = lookup(store, cfg, name, {u: built[u] for u in STAGES[name]})
+        ups = {u: built[u] for u in STAGES[name] if u in built}
+        # a stage whose upstream is not built has no key yet; why() still compares config and code
+        key, m = lookup(store, cfg, name, ups) if len(ups) == len(STAGES[name]) else (None, None)
         row = {"stage": name, "built": m is not None, "key": key}
         if m is not None:
             built[name] = m
             row.update(metrics=m["metrics"], created_at=m["created_at"], seconds=m["timings"]["seconds"])
+        else:
+            row["why"] = why(store, cfg, name, ups)
         rows.append(row)
     return rows
 
@@ -294,12 +296,16 @@ def _status(store: Store, cfg, as_json: bool) -> None:
         return
     print(f"store {store.url} | preset {cfg.preset}")
     for r in rows:
+        key = r["key"][:16] if r["key"] else "-"
         if r["built"]:
-            print(f"  built    {r['stage']:<12} {r['key'][:16]}  {_age(r['created_at']):>9}  {_brief(r['metrics'])}")
-        elif r["key"]:
-            print(f"  missing  {r['stage']:<12} {r['key'][:16]}")
-        else:
-            print(f"  missing  {r['stage']:<12} {'-':<16}  (needs {', '.join(r['needs'])})")
+            print(f"  built    {r['stage']:<12} {key:<16}  {_age(r['created_at']):>9}  {_brief(r['metrics'])}")
+            continue
+        why = r["why"]
+        closest = why["closest"]
+        print(f"  {why['state']:<8} {r['stage']:<12} {key:<16}" + ("" if closest is None else
+              f"  vs {r['stage']}/{closest['key'][:16]}, built {_age(closest['created_at'])}:"))
+        for reason in why["reasons"]:
+            print(f"             {reason}")
 
 
 def _artifacts(store: Store, args) -> None:

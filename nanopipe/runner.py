@@ -3,36 +3,34 @@
 A stage is a module in ``nanopipe/stages`` with::
 
     VERSION: int              bump to invalidate every cached output of the stage
-    CODE: tuple[str, ...]      library modules whose source is part of the stage's key
     run(ctx) -> dict           does the work, writes through ctx.writer, returns metrics
     LAUNCH = "torchrun"        (optional) run() happens in a torchrun child; see launch_child
     prepare(section)           (optional, torchrun stages) one-time work in the parent, e.g. downloads
 
-The upstream stages each stage reads are listed in ``nanopipe.stages.STAGES``.
+The upstream stages each stage reads are listed in ``nanopipe.stages.STAGES``. The code a stage's
+key covers is found from its imports (``nanopipe.codeid``): nothing to list by hand.
 Flows call ``run_stage`` inside a Prefect task; ``python -m nanopipe stage NAME`` calls it directly.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import importlib.util
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
 from typing import Callable
 
 from pydantic import BaseModel
 
+from nanopipe.codeid import stage_code
 from nanopipe.config import RunConfig
 from nanopipe.faults import reset_faults
 from nanopipe.launch import LaunchError, run_streaming, torchrun_command, training_env
 from nanopipe.stages import STAGES
 from nanopipe.store import Store, StageWriter, StoreError, output_digest, stage_key, writing
+from nanopipe.why import why
 
 Log = Callable[[str], None]
 
@@ -63,25 +61,20 @@ class StageContext:
 
 
 def stage_module(name: str):
-    if name not in STAGES:
-        raise StageError(f"unknown stage {name!r}; stages are: {', '.join(STAGES)}")
+    _check_stage(name)
     return importlib.import_module(f"nanopipe.stages.{name}")
 
 
-@lru_cache(maxsize=None)
+def _check_stage(name: str) -> None:
+    if name not in STAGES:
+        raise StageError(f"unknown stage {name!r}; stages are: {', '.join(STAGES)}")
+
+
 def code_version(name: str) -> str:
-    """Explicit per-stage VERSION plus a hash of the source of the stage and the modules it lists."""
-    mod = stage_module(name)
-    h = hashlib.sha256()
-    for modname in (mod.__name__, *getattr(mod, "CODE", ())):
-        spec = importlib.util.find_spec(modname)
-        if spec is None or not spec.origin:
-            raise StageError(f"stage {name}: CODE lists {modname!r}, which cannot be found")
-        # A package stands for all of its modules.
-        files = sorted(Path(spec.origin).parent.glob("*.py")) if spec.submodule_search_locations else [spec.origin]
-        for path in files:
-            h.update(f"{modname}:{Path(path).name}".encode() + b"\0" + Path(path).read_bytes())
-    return f"v{mod.VERSION}-{h.hexdigest()[:16]}"
+    """The stage's VERSION plus a digest over the normal form of the stage module and every nanopipe
+    module it imports, transitively (nanopipe.codeid); read from the source, once per process."""
+    _check_stage(name)
+    return stage_code(name)["code_version"]
 
 
 def compute_key(cfg: RunConfig, name: str, upstream: dict[str, dict]) -> str:
@@ -118,8 +111,11 @@ def run_stage(store: Store, cfg: RunConfig, name: str, upstream: dict[str, dict]
     if manifest is not None:
         return manifest, True
     if force:
+        log(f"[{name}] runs: forced")
         # A forced rerun starts from scratch: drop the old output and any resume state.
         store.remove(store.stage_dir(name, key))
+    else:
+        log(f"[{name}] runs: " + "; ".join(why(store, cfg, name, upstream)["reasons"]))
     upstream = {u: upstream[u] for u in STAGES[name]}
     if getattr(mod, "LAUNCH", None) == "torchrun":
         if hasattr(mod, "prepare"):
@@ -129,8 +125,9 @@ def run_stage(store: Store, cfg: RunConfig, name: str, upstream: dict[str, dict]
 
 
 def execute(store: Store, name: str, key: str, config: BaseModel, upstream: dict[str, dict],
-            log: Log = print, rank: int = 0, world_size: int = 1) -> dict | None:
-    """Run the stage body in this process; rank 0 commits the manifest."""
+            log: Log = print, rank: int = 0, world_size: int = 1, code: dict | None = None) -> dict | None:
+    """Run the stage body in this process; rank 0 commits the manifest (with ``code``: the stage_code
+    the key was computed from, passed by a parent process; default: this process's)."""
     mod = stage_module(name)
     started = time.time()
     reset_faults()
@@ -140,8 +137,10 @@ def execute(store: Store, name: str, key: str, config: BaseModel, upstream: dict
     metrics = mod.run(ctx) or {}
     if rank != 0:
         return None
+    code = code or stage_code(name)
     manifest = writer.commit(config=config.model_dump(mode="json"), upstream=upstream,
-                             code_version=code_version(name), metrics=metrics, started_at=started)
+                             code_version=code["code_version"], metrics=metrics, started_at=started,
+                             extra={"code": code["code"]})
     log(f"[{name}] committed {len(manifest['files'])} files in {manifest['timings']['seconds']:.1f}s")
     return manifest
 
@@ -166,7 +165,8 @@ ERROR_PREFIX = "nanopipe: error: "
 def launch_child(store: Store, cfg: RunConfig, name: str, key: str, upstream: dict[str, dict], log: Log) -> dict:
     section = getattr(cfg, name)
     writer = store.writer(name, key)
-    spec = {"stage": name, "key": key, "config": section.model_dump(mode="json"), "upstream": upstream}
+    spec = {"stage": name, "key": key, "config": section.model_dump(mode="json"), "upstream": upstream,
+            "code": stage_code(name)}
     with writing(store.url_of(writer.work)):
         store.fs.makedirs(writer.work, exist_ok=True)
         store.fs.pipe_file(store.launch_spec_path(name, key), json.dumps(spec).encode())
@@ -215,7 +215,8 @@ def child_main(argv: list[str] | None = None) -> None:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     log = print if rank == 0 else (lambda s: None)
     try:
-        execute(store, a.stage, a.key, config, spec["upstream"], log=log, rank=rank, world_size=world)
+        execute(store, a.stage, a.key, config, spec["upstream"], log=log, rank=rank, world_size=world,
+                code=spec.get("code"))
     except StoreError as e:  # one line the parent can show as it is (see launch_child)
         print(f"{ERROR_PREFIX}{e}", flush=True)
         sys.exit(1)

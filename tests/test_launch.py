@@ -141,6 +141,7 @@ def test_torchrun_command_argv():
         torchrun_command("m", [], nproc_per_node=0)
 
 
+@pytest.mark.e2e
 def test_real_torchrun_two_ranks(tmp_path):
     (tmp_path / "allreduce_probe.py").write_text(textwrap.dedent("""
         import sys

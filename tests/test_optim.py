@@ -184,6 +184,7 @@ def _ddp_worker(rank, world_size, port, out_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.e2e
 def test_two_rank_gloo_matches_one_process(tmp_path):
     out = str(tmp_path / "ddp")
     mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)

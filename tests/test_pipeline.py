@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from conftest import SMALL
 
 from nanopipe.config import load_config
 from nanopipe.runner import run_pipeline
@@ -14,9 +15,6 @@ from nanopipe.store import IntegrityError, Store
 
 pytestmark = pytest.mark.e2e
 
-# Small but real: the offline sample text, a 512-token vocab, shards of 256 documents.
-SMALL = ["tokenizer.vocab_size=512", "tokenizer.max_chars=400000", "tokenizer.heldout_docs=20",
-         "data.source.max_chars=1500000", "data.docs_per_shard=256", "data.row_group_size=64"]
 UNTRAINED = ["setup", "tokenizer", "data"]  # the stages before training: quick to build
 
 

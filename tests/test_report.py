@@ -5,6 +5,7 @@ import json
 import time
 
 import pytest
+from conftest import SMALL
 
 from nanopipe.cli import main as cli
 from nanopipe.report import ReportError, artifact_markdown, build_report, lineage_tree, summary_table
@@ -153,18 +154,16 @@ def test_report_stage_commits_report_and_the_report_command_prints_it(tmp_path, 
     from nanopipe.runner import run_pipeline
     from nanopipe.stages import STAGES
 
-    small = ["tokenizer.vocab_size=512", "tokenizer.max_chars=400000", "tokenizer.heldout_docs=20",
-             "data.source.max_chars=1500000", "data.docs_per_shard=256", "data.row_group_size=64"]
     monkeypatch.setitem(STAGES, "report", ("setup", "tokenizer", "data"))
     store = Store(str(tmp_path / "store"))
-    done = run_pipeline(store, load_config("tiny", small), ["setup", "tokenizer", "data", "report"], log=lambda s: None)
+    done = run_pipeline(store, load_config("tiny", SMALL), ["setup", "tokenizer", "data", "report"], log=lambda s: None)
     m, reused = done["report"]
     assert not reused and {"report.md", "report.json"} <= {f["path"] for f in m["files"]}
     assert m["metrics"]["stages"] == 3 and m["metrics"]["cost_usd"] is None  # CPU only
     data = json.loads(store.read_bytes(m, "report.json"))
     assert set(data["stages"]) == {"setup", "tokenizer", "data"}
     assert data["stages"]["tokenizer"]["metrics"]["vocab_size"] == 512
-    sets = [arg for o in small for arg in ("--set", o)]
+    sets = [arg for o in SMALL for arg in ("--set", o)]
     cli(["report", "--store", store.url, *sets])
     out = capsys.readouterr().out
     assert out.startswith("# nanopipe report") and "| vocab size |" in out and "| 512 |" in out

@@ -181,7 +181,7 @@ def test_gsm_symbolic_templates_come_from_gsm8k_train_problems_only(problems):
     assert sym[17] == GSMSymbolic(size=2000, seed=5)[17] and sym[17] != GSMSymbolic(size=2000, seed=6)[17]
 
 
-# ----- the stage, for real, on a small warm-started model -----
+# ----- the stage, for real, on a small warm-started model (e2e: torchrun children, minutes on 2 cores) -----
 
 VOCAB = 300
 EASY = {"ops": ["+"], "max_digits": 1}
@@ -245,6 +245,7 @@ def reference_run(warm_store):
     return run_rl(store, ups)
 
 
+@pytest.mark.e2e
 def test_short_rl_run_raises_reward(warm_store, reference_run):
     store, ups = warm_store
     m = reference_run
@@ -267,6 +268,7 @@ def test_short_rl_run_raises_reward(warm_store, reference_run):
     assert data["train"]["tasks"][0]["split"] == "train" and data["eval"]["split"] == "test"
 
 
+@pytest.mark.e2e
 def test_killed_run_resumes_to_bitwise_identical_weights(warm_store, reference_run, tmp_path, monkeypatch):
     store, ups = warm_store
     copy = Store(str(tmp_path / "store"))
@@ -286,6 +288,7 @@ def test_killed_run_resumes_to_bitwise_identical_weights(warm_store, reference_r
     assert sha["rl_curve.json"] == ref["rl_curve.json"]  # the same completions, rewards and evaluations
 
 
+@pytest.mark.e2e
 def test_two_ranks_sample_the_same_completions_and_learn_the_same(warm_store, reference_run, tmp_path):
     """Under torchrun with 2 gloo ranks each rank samples half of every step's questions (seeded per
     question, not per rank) and the optimizers average the gradients: the run matches one rank."""

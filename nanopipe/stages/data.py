@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from nanopipe.runner import StageContext
 
 VERSION = 1
-CODE = ("nanopipe.data.sources", "nanopipe.data.offline_packages", "nanopipe.data.shards")
 
 
 def run(ctx: "StageContext") -> dict:

@@ -14,7 +14,6 @@ if TYPE_CHECKING:
     from nanopipe.runner import StageContext
 
 VERSION = 1
-CODE = ("nanopipe.report",)
 
 
 def run(ctx: "StageContext") -> dict:

@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from nanopipe.runner import StageContext
 
 VERSION = 1
-CODE = ("nanopipe.tokenizer", "nanopipe.data.sources", "nanopipe.data.offline_packages")
 
 
 def run(ctx: "StageContext") -> dict:
