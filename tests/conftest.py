@@ -5,6 +5,7 @@ identity reads."""
 import os
 import pathlib
 import socket
+import time
 
 import pytest
 
@@ -24,6 +25,23 @@ TRAIN = ["base_train.depth=1", "base_train.head_dim=32", "base_train.sequence_le
          "base_train.device_batch_size=4", "base_train.total_batch_size=512", "base_train.num_iterations=8",
          "base_train.checkpoint_every=4", "base_train.eval_every=4", "base_train.eval_tokens=512",
          "base_train.threads=1"]
+
+
+def commit_chat_model(store) -> dict:
+    """A committed tokenizer and an "sft" model built from it (test_engine's random model), in `store`:
+    the upstream of the serve stage. Returns {"tokenizer": manifest, "sft": manifest}."""
+    from nanopipe.train.common import save_model
+    from test_engine import random_model, train_tokenizer
+
+    w = store.writer("tokenizer", "a" * 64)
+    for name, data in train_tokenizer().to_files().items():
+        w.write_bytes(name, data)
+    ups = {"tokenizer": w.commit(config={}, upstream={}, code_version="test", metrics={}, started_at=time.time())}
+    w = store.writer("sft", "b" * 64)
+    save_model(w, random_model())  # the server finds the model's tokenizer through its lineage
+    ups["sft"] = w.commit(config={}, upstream={"tokenizer": ups["tokenizer"]}, code_version="test", metrics={},
+                          started_at=time.time())
+    return ups
 
 
 @pytest.fixture(scope="session")
