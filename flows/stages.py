@@ -1,4 +1,5 @@
-"""One Prefect task for every stage, plus the artifacts each stage publishes.
+"""One Prefect task for every stage, plus the artifacts each stage publishes, the device slot
+device work holds, and what stops a cancelled run's processes.
 
 The task body is nanopipe.runner.run_stage: it is the same code that `python -m nanopipe stage`
 runs without Prefect. Prefect adds the cache (StoreKeyPolicy), retries, logs and artifacts.
@@ -14,11 +15,17 @@ from collections.abc import Iterator
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.filesystems import WritableFileSystem
-from prefect.concurrency.sync import concurrency
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+from prefect.concurrency.sync import concurrency
+from prefect.context import TaskRunContext
+from prefect.filesystems import WritableFileSystem
+from prefect.states import Cancelled
 
+from nanopipe.artifacts import artifact_key
 from nanopipe.config import RunConfig
+from nanopipe.launch import LaunchCancelled, terminate_all
 from nanopipe.report import artifact_markdown
 from nanopipe.runner import run_stage, stage_module
 from nanopipe.store import Store
@@ -30,11 +37,6 @@ RESULT_TABLES = {"core.json": lambda d: d["tasks"], "chat_eval.json": lambda d: 
 # Stages that read remote sources: their failures may be transient network errors.
 _NETWORK_STAGES = {"tokenizer", "data"}
 _TRANSIENT = (ConnectionError, TimeoutError)
-
-
-def artifact_key(stage: str, kind: str) -> str:
-    """Prefect artifact keys: lowercase letters, digits and dashes; grouped by stage."""
-    return f"{stage.replace('_', '-')}-{kind}"
 
 
 def publish_artifacts(store: Store, manifest: dict) -> None:
@@ -80,17 +82,101 @@ def _transient(task, task_run, state) -> bool:
 # training/eval stages at once (base_eval beside mid_train) would fight over its GPUs or, on CPU,
 # oversubscribe its cores (each rank takes cores / ranks threads): 10x slower there, not faster.
 _DEVICES = threading.Lock()
+_device_user: list[str] = []  # who holds _DEVICES, for the waiting message
+
+GPU_LIMIT = "gpu"  # the global concurrency limit of device work (deployments/pools.yaml)
+# The server's shortest lease: the slot of a holder that died without releasing it (a SIGKILLed
+# engine) is free again within about a minute (plus the server's 15 s sweep), not five.
+GPU_LEASE_S = 60
+GPU_TRY_S = 2.0  # how long to try for a slot before saying that the stage waits for one
 
 
 @contextlib.contextmanager
-def device_slot(stage: str) -> Iterator[None]:
-    """Held while a torchrun stage runs: this process's device lock and a slot of the global
-    "gpu" concurrency limit (across workers; a no-op where that limit does not exist)."""
-    if getattr(stage_module(stage), "LAUNCH", None) != "torchrun":
+def device_slot(user: str, log=print) -> Iterator[None]:
+    """Held while device work runs (a torchrun stage, the nightly eval): this process's device lock and
+    a slot of the global "gpu" concurrency limit (across workers; a no-op where that limit does not
+    exist). Waiting for either is logged, with what holds it."""
+    if not _DEVICES.acquire(blocking=False):
+        log(f"[{user}] waiting for this process's device: {', '.join(_device_user) or 'another stage'} is using it")
+        _DEVICES.acquire()
+    _device_user[:] = [user]
+    try:
+        with _gpu_slot(user, log):
+            yield
+    finally:
+        _device_user.clear()
+        _DEVICES.release()
+
+
+@contextlib.contextmanager
+def _gpu_slot(user: str, log) -> Iterator[None]:
+    ctx = TaskRunContext.get()
+    opts = {"occupy": 1, "lease_duration": GPU_LEASE_S,
+            "holder": ConcurrencyLeaseHolder(type="task_run", id=ctx.task_run.id) if ctx else None}
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(concurrency(GPU_LIMIT, timeout_seconds=GPU_TRY_S, **opts))
+        except TimeoutError:
+            log(f"[{user}] waiting for a slot of the global concurrency limit {GPU_LIMIT!r} ({_gpu_usage()}): "
+                "device work of another run holds it")
+            held.enter_context(concurrency(GPU_LIMIT, **opts))
         yield
-        return
-    with _DEVICES, concurrency("gpu", occupy=1):
+
+
+def _gpu_usage() -> str:
+    try:
+        with get_client(sync_client=True) as client:
+            limit = client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+        return f"{limit.active_slots} of {limit.limit} slots in use"
+    except Exception as e:  # only for the message
+        return f"usage unknown: {type(e).__name__}"
+
+
+def uses_device(stage: str) -> bool:
+    """Stages whose work runs on the device (GPUs, or all of a CPU host's cores): the torchrun stages."""
+    return getattr(stage_module(stage), "LAUNCH", None) == "torchrun"
+
+
+# ----- a cancelled run stops its processes -----
+
+CANCEL_POLL_S = 2.0
+
+
+def stop_launched(flow=None, flow_run=None, state=None) -> None:
+    """Stop every child process this process launched (a flow's on_cancellation / on_crashed hook)."""
+    terminate_all(f"flow run {state.name if state else 'stopped'}")
+
+
+@contextlib.contextmanager
+def stop_launched_on_cancel(flow_run_id, every_s: float = CANCEL_POLL_S) -> Iterator[None]:
+    """While the block runs, a thread polls the flow run's state; once it is Cancelling (Cancel in the
+    UI or the API), every child this process launched (torchrun and its ranks, a server) is stopped
+    at once: a worker only SIGTERMs this process, after which it would wait for its tasks, and a
+    run without a worker (`nanopipe run`) gets no signal at all. Leaving the block with an exception
+    (the worker's SIGTERM, Ctrl-C) stops them too."""
+    done = threading.Event()
+
+    def watch() -> None:
+        with get_client(sync_client=True) as client:
+            while not done.wait(every_s):
+                try:
+                    state = client.read_flow_run(flow_run_id).state
+                except Exception:  # the API is briefly unreachable: ask again
+                    continue
+                if state is not None and (state.is_cancelling() or state.is_cancelled()):
+                    terminate_all(f"flow run {state.name}")
+                    return
+
+    watcher = threading.Thread(target=watch, name="nanopipe-cancel-watch", daemon=True)
+    if flow_run_id is not None:
+        watcher.start()
+    try:
         yield
+    except BaseException as e:
+        terminate_all(f"flow run interrupted ({type(e).__name__})")
+        raise
+    finally:
+        done.set()
 
 
 @task(cache_policy=StoreKeyPolicy(), persist_result=True, result_serializer="json",
@@ -99,16 +185,20 @@ def stage_task(stage: str, config: dict, upstream: dict[str, dict], store_url: s
     logger = get_run_logger()
     store = Store(store_url)
     cfg = RunConfig.model_validate(config)
-    with device_slot(stage):
-        manifest, reused = run_stage(store, cfg, stage, upstream, force=force, log=logger.info)
+    try:
+        with device_slot(stage, logger.info) if uses_device(stage) else contextlib.nullcontext():
+            manifest, reused = run_stage(store, cfg, stage, upstream, force=force, log=logger.info)
+    except LaunchCancelled as e:
+        return Cancelled(message=f"{stage}: {e}")
     if not reused:
         publish_artifacts(store, manifest)
     return manifest
 
 
 def configured_task(stage: str, storage: WritableFileSystem):
-    """The stage task bound to the store's result storage, with retries for network stages."""
-    opts: dict[str, Any] = {"result_storage": storage}
+    """The stage task, named after the stage (so it reads as such in the UI from the moment it is
+    submitted), bound to the store's result storage, with retries for network stages."""
+    opts: dict[str, Any] = {"name": stage, "task_run_name": stage, "result_storage": storage}
     if stage in _NETWORK_STAGES:
         opts.update(retries=int(os.environ.get("NANOPIPE_RETRIES", 2)), retry_delay_seconds=[5, 30],
                     retry_condition_fn=_transient)

@@ -167,6 +167,8 @@ def execute(store: Store, name: str, key: str, config: BaseModel, upstream: dict
 
 # ---- one run of a stage key at a time ----
 
+FRESH_PROGRESS_S = 120  # a remote store's progress file this recent: its stage runs (on some host)
+
 LOCK_POLL_S = 0.5
 LOCK_SAY_EVERY_S = 60.0  # a waiting run repeats what it waits for this often
 
@@ -175,8 +177,10 @@ LOCK_SAY_EVERY_S = 60.0  # a waiting run repeats what it waits for this often
 def _flock(path: str, mode: int, log: Log, waiting: Callable[[], str]) -> Iterator[IO]:
     """Hold flock `mode` on the local file `path` for the block; while another process (or another
     open of the file) holds it, poll, and log `waiting()` at once and then every minute."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a+", encoding="utf-8") as f:
+    with writing(path):  # a store that cannot be written cannot hold its lock files either
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        f = open(path, "a+", encoding="utf-8")
+    with f:
         said = None
         while True:
             try:
@@ -234,6 +238,29 @@ def running(store: Store, name: str, key: str) -> dict | None:
                 return holder(store.lock_path(name, key)) or {}
             fcntl.flock(f, fcntl.LOCK_UN)
     return None
+
+
+def activity(store: Store, name: str, key: str) -> dict | None:
+    """The run building (name, key) now: {"holder": `running`'s answer, "progress": its rank 0's latest
+    progress event or None}; None when nothing runs it. A local store's lock says; a remote store's
+    lock only knows this host, so there a fresh progress file counts too (a run on another host)."""
+    who = running(store, name, key)
+    try:
+        progress = json.loads(store.fs.cat_file(store.progress_path(name, key)))
+    except (FileNotFoundError, ValueError):
+        progress = None
+    if who is None and not (progress and not store.is_local and _age_s(progress.get("updated_at")) < FRESH_PROGRESS_S):
+        return None
+    return {"holder": who, "progress": progress}
+
+
+def _age_s(iso: str | None) -> float:
+    import datetime as dt
+
+    try:
+        return (dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(iso)).total_seconds()
+    except (TypeError, ValueError):
+        return float("inf")
 
 
 def run_pipeline(store: Store, cfg: RunConfig, order: list[str], force: list[str] | tuple[str, ...] = (),

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from conftest import SMALL, TRAIN
 
-from flows.nightly_eval import compare, lower_is_better
+from nanopipe.eval.nightly import compare, lower_is_better
 from nanopipe.stages import STAGES
 from nanopipe.store import Store
 

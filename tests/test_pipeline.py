@@ -132,16 +132,17 @@ def test_bad_input_is_one_line_exit_2_and_store_untouched(tmp_path, args, needle
     assert not store.exists()
 
 
-def test_torchrun_stages_of_one_process_run_one_at_a_time(prefect_server):
+def test_device_work_of_one_process_runs_one_at_a_time_and_says_it_waits(prefect_server):
     """base_eval and mid_train both follow base_train: the flow may start them together, but they
-    share this machine's devices, so device_slot lets one in at a time; other stages are not held."""
-    from flows.stages import device_slot
+    share this machine's devices, so device_slot lets one in at a time, and the others say so."""
+    from flows.stages import device_slot, uses_device
 
-    inside, most, order = [], [0], []
+    assert uses_device("base_eval") and uses_device("mid_train") and not uses_device("tokenizer")
+    inside, most, order, said = [], [0], [], []
     lock = threading.Lock()
 
     def run(stage: str) -> None:
-        with device_slot(stage):
+        with device_slot(stage, said.append):
             with lock:
                 inside.append(stage)
                 most[0] = max(most[0], len(inside))
@@ -150,14 +151,38 @@ def test_torchrun_stages_of_one_process_run_one_at_a_time(prefect_server):
                 inside.remove(stage)
                 order.append(stage)
 
-    with device_slot("base_eval"):  # a torchrun stage holds the slot: a CPU stage still runs
-        t = threading.Thread(target=run, args=("tokenizer",))
-        t.start()
-        t.join(timeout=5)
-        assert order == ["tokenizer"]
     threads = [threading.Thread(target=run, args=(s,)) for s in ("base_eval", "mid_train", "sft")]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=10)
-    assert sorted(order[1:]) == ["base_eval", "mid_train", "sft"] and most[0] == 1
+        t.join(timeout=60)
+    assert sorted(order) == ["base_eval", "mid_train", "sft"] and most[0] == 1
+    assert len(said) == 2 and all("waiting for this process's device: " in line and " is using it" in line
+                                  for line in said), said
+
+
+def test_a_stage_waiting_for_the_gpu_slot_says_so(prefect_server):
+    """The global `gpu` limit (one slot here) is held by another holder: the stage waits, saying for what."""
+    from prefect.client.orchestration import get_client
+
+    from flows.stages import GPU_LIMIT, _gpu_slot
+
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, 1)
+    said, got = [], threading.Event()
+
+    def second() -> None:
+        with _gpu_slot("mid_train", said.append):
+            got.set()
+
+    with _gpu_slot("base_train", said.append):
+        t = threading.Thread(target=second)
+        t.start()
+        deadline = time.monotonic() + 60
+        while not said and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not got.is_set()
+    t.join(timeout=60)
+    assert got.is_set()
+    assert said and said[0].startswith(f"[mid_train] waiting for a slot of the global concurrency limit '{GPU_LIMIT}' "
+                                       "(1 of 1 slots in use)"), said
