@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Browse the store's committed stage outputs: the same things, under the same "
                                    "keys, as the Artifacts page of the Prefect UI.")
     asub = p.add_subparsers(dest="acmd", required=True, metavar="{ls,show}")
-    q = asub.add_parser("ls", help="list every committed stage output, oldest first (damaged manifests flagged)")
+    q = asub.add_parser("ls", help="list every committed stage output (damaged manifests flagged)")
     q.add_argument("--stage", help="only this stage")
     q.add_argument("--store")
     q = asub.add_parser("show", help="one stage output: manifest, files, lineage")

@@ -2,9 +2,11 @@
 small-but-real config overrides the stage tests build with, and edits of the source the code
 identity reads."""
 
+import glob
 import os
 import pathlib
 import socket
+import subprocess
 import time
 
 import pytest
@@ -25,6 +27,61 @@ TRAIN = ["base_train.depth=1", "base_train.head_dim=32", "base_train.sequence_le
          "base_train.device_batch_size=4", "base_train.total_batch_size=512", "base_train.num_iterations=8",
          "base_train.checkpoint_every=4", "base_train.eval_every=4", "base_train.eval_tokens=512",
          "base_train.threads=1"]
+
+# A base_train that would run for many minutes, checkpointing every 10 steps, on two ranks: the cancel
+# and kill tests stop it midway (and its rerun, once it has resumed).
+LONG_TRAIN = TRAIN + ["base_train.num_iterations=5000", "base_train.checkpoint_every=10", "base_train.eval_every=0",
+                      "base_train.nproc_per_node=2"]
+
+
+def sets(overrides) -> list[str]:
+    return [x for o in overrides for x in ("--set", o)]
+
+
+def stage_processes(store_url: str) -> list[int]:
+    """Every live process working for a stage of this store: torchrun and its ranks (their command
+    lines name the store: `-m nanopipe.runner --store URL ...`)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            args = open(f"/proc/{entry}/cmdline", "rb").read().decode(errors="replace").split("\0")
+            state = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and "nanopipe.runner" in args and store_url in args:
+            found.append(int(entry))
+    return sorted(found)
+
+
+def ps(pids) -> str:
+    """`ps` lines of these processes (for the test log), or a note that none is left."""
+    if not pids:
+        return "(no process left)"
+    return subprocess.run(["ps", "-o", "pid,ppid,pgid,sid,stat,etime,args", "-p", ",".join(map(str, pids))],
+                          capture_output=True, text=True).stdout.rstrip()
+
+
+def wait_for(check, timeout: float, what: str, every: float = 0.2):
+    """check()'s first truthy value within `timeout` seconds, else fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def checkpoint_steps(store_url: str, stage: str) -> list[int]:
+    """Steps of the complete checkpoints in the stage's unfinished dirs."""
+    return sorted(int(p.split("ckpt_")[1].split("/")[0])
+                  for p in glob.glob(f"{store_url}/{stage}/*/_work/ckpt_*/COMPLETE"))
+
+
+def launch_logs(store_url: str, stage: str) -> str:
+    return "".join(open(p).read() for p in glob.glob(f"{store_url}/{stage}/*/launch.log"))
 
 
 def commit_chat_model(store) -> dict:

@@ -1,13 +1,14 @@
 """The stage contract end to end, through a real Prefect server: cache, resume, failures, S3."""
 
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 
 import pytest
-from conftest import SMALL
+from conftest import LONG_TRAIN, SMALL, checkpoint_steps, launch_logs, ps, sets, stage_processes, wait_for
 
 from nanopipe.config import load_config
 from nanopipe.runner import run_pipeline
@@ -100,6 +101,48 @@ def test_sigkill_mid_data_then_rerun_writes_only_missing_shards(prefect_server, 
     assert metrics["shards_written"] == metrics["train_shards"] - len(before) > 0
     after = {path: info.get("mtime") or info.get("LastModified") for path, info in store.fs.find(shard_dir, detail=True).items()}
     assert all(after[p] == before[p] for p in before)  # the shards that existed were not rewritten
+
+
+def test_sigkill_of_a_no_prefect_run_group_leaves_no_rank_and_the_rerun_resumes(tmp_path):
+    """torchrun and its ranks sit in sessions of their own, so a group kill does not reach them: they
+    die with their parent (PR_SET_PDEATHSIG), and the rerun resumes from the newest checkpoint."""
+    url = str(tmp_path / "store")
+    cmd = [sys.executable, "-m", "nanopipe", "run", "--no-prefect", "--stages", "base_train", "--store", url,
+           *sets(SMALL + LONG_TRAIN)]
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(cmd, env=env(), start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=open(tmp_path / "stderr.log", "a"))
+
+    def resumed(run: subprocess.Popen) -> bool:
+        assert run.poll() is None, f"the rerun ended (exit {run.returncode}): {(tmp_path / 'stderr.log').read_text()[-3000:]}"
+        return "resumed from checkpoint at step" in launch_logs(url, "base_train")
+
+    def kill_group(run: subprocess.Popen) -> None:
+        before = stage_processes(url)
+        assert len(before) == 3, ps(before)  # torchrun and two ranks
+        print(f"before SIGKILL of the process group of `nanopipe run` (pid {run.pid}):\n{ps(before)}")
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+        wait_for(lambda: not stage_processes(url), 10, "torchrun and its ranks to die with their parent")
+        print(f"after:\n{ps(stage_processes(url))}")
+
+    first = start()
+    try:
+        step = wait_for(lambda: checkpoint_steps(url, "base_train"), 600, "base_train's first checkpoint")[-1]
+        kill_group(first)
+        second = start()  # the rerun: starts at once (nothing holds the stage), resumes
+        try:
+            wait_for(lambda: resumed(second), 600, "the rerun to resume")
+            resumed = int(launch_logs(url, "base_train").split("resumed from checkpoint at step ")[1].split()[0])
+            assert resumed >= step
+            kill_group(second)
+        finally:
+            if second.poll() is None:
+                os.killpg(second.pid, signal.SIGKILL)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
 
 
 def test_flipped_byte_in_committed_tokenizer_is_detected(tmp_path):
