@@ -25,7 +25,7 @@ from nanopipe.artifacts import NIGHTLY_SUMMARY, NIGHTLY_TABLE
 from nanopipe.eval.nightly import (baseline, compare, eval_code, evaluate_checkpoint, pick_device, read_records,
                                    resolve_models, summary_markdown, write_record)
 from nanopipe.store import Store, StoreError
-from flows.stages import device_slot
+from flows.stages import device_slot, release_dead_leases
 
 
 @task(task_run_name="eval-{stage}", cache_policy=NO_CACHE, retries=0)
@@ -39,7 +39,7 @@ def evaluate_task(stage: str, key: str, store_url: str, settings: dict) -> dict:
         return evaluate_checkpoint(store, manifest, log=logger.info, **settings)
 
 
-@flow(name="nightly-eval", log_prints=True)
+@flow(name="nightly-eval", log_prints=True, on_crashed=[release_dead_leases])
 def nightly_eval(models: list[str] | None = None, store: str | None = None, core_source: str = "offline",
                  max_examples: int | None = 200, bpb_tokens: int = 1 << 20, chat: bool = True,
                  batch_size: int = 8, device: Literal["auto", "cpu", "cuda"] = "auto", threshold: float = 0.02,

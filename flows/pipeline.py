@@ -15,9 +15,9 @@ from __future__ import annotations
 import time
 from typing import Literal, Union
 
+import httpx
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
-from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -27,7 +27,7 @@ from nanopipe.dag import plan_stages
 from nanopipe.stages import STAGES
 from nanopipe.store import Store
 from flows.cache import result_storage
-from flows.stages import configured_task, stop_launched, stop_launched_on_cancel
+from flows.stages import configured_task, release_dead_leases, stop_launched, stop_launched_on_cancel
 
 Preset = Literal[tuple(PRESETS)]  # the run form's choices
 Stage = Literal[tuple(STAGES)]
@@ -69,6 +69,9 @@ def run_stages(preset: str, overrides: list[str] | None, stages: list[str] | Non
             upstream = {u: futures[u] for u in STAGES[name]}
             futures[name] = configured_task(name, storage).submit(
                 name, cfg.model_dump(mode="json"), upstream, st.url, name in (force or []))
+        with get_client(sync_client=True) as client:
+            for name, f in futures.items():
+                when_recorded(lambda: client.set_task_run_name(f.task_run_id, name))
         for f in futures.values():
             f.wait()
     states = {name: f.state for name, f in futures.items()}
@@ -88,7 +91,7 @@ def first_line(message: str | None, width: int = 300) -> str:
     return line if len(line) <= width else line[:width] + " ..."
 
 
-def settle_not_run(futures: dict, states: dict, stopped: list[str], wait_s: float = 15.0) -> list[str]:
+def settle_not_run(futures: dict, states: dict, stopped: list[str]) -> list[str]:
     """Stages that never ran because an upstream stage failed or was cancelled are left Pending
     (NotReady) by Prefect, their bars growing in the UI after the run ended: set them Cancelled,
     naming the upstream stage. Returns their names."""
@@ -97,16 +100,23 @@ def settle_not_run(futures: dict, states: dict, stopped: list[str], wait_s: floa
         for name in not_run:
             culprit = next((u for u in stopped if u in upstream_closure(name)), "an upstream stage")
             state = Cancelled(message=f"not run: upstream {culprit} did not complete")
-            deadline = time.monotonic() + wait_s
-            while True:  # the task run's Pending event may not be recorded by the server yet
-                try:
-                    client.set_task_run_state(futures[name].task_run_id, state, force=True)
-                    break
-                except ObjectNotFound:
-                    if time.monotonic() > deadline:
-                        break
-                    time.sleep(0.5)
+            when_recorded(lambda: client.set_task_run_state(futures[name].task_run_id, state, force=True))
+            when_recorded(lambda: client.set_task_run_name(futures[name].task_run_id, name))
     return not_run
+
+
+def when_recorded(call, wait_s: float = 15.0) -> None:
+    """call() (an update of a task run), retried while the server has not yet recorded the task run
+    (its engine reports it through events, a moment after it is submitted); given up after wait_s."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            call()
+            return
+        except httpx.HTTPStatusError as e:
+            if e.response.status_code != 404 or time.monotonic() > deadline:
+                return  # only the names and states of the UI are at stake here: never fail the run for them
+            time.sleep(0.2)
 
 
 def upstream_closure(stage: str) -> set[str]:
@@ -129,7 +139,7 @@ _pipeline.__doc__ = args_doc("Run the stages (default: all) and whatever they ne
                              force="force", store="store")
 # One thread per stage: every stage's task run exists (Pending, named after its stage) from the start.
 pipeline = flow(name="pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=len(STAGES)),
-                on_cancellation=[stop_launched], on_crashed=[stop_launched])(_pipeline)
+                on_cancellation=[stop_launched], on_crashed=[stop_launched, release_dead_leases])(_pipeline)
 
 
 def task_states(flow_run_id) -> dict[str, str]:
@@ -154,7 +164,7 @@ def stage_flow(stage: str):
                            preset="preset", overrides="overrides", force="force_one", store="store")
     return flow(name=f"stage-{stage.replace('_', '-')}", log_prints=True,
                 task_runner=ThreadPoolTaskRunner(max_workers=len(STAGES)),
-                on_cancellation=[stop_launched], on_crashed=[stop_launched])(one)
+                on_cancellation=[stop_launched], on_crashed=[stop_launched, release_dead_leases])(one)
 
 
 STAGE_FLOWS = {name: stage_flow(name) for name in STAGES}

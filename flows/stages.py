@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import threading
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +19,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+from prefect.concurrency.context import ConcurrencyContext
 from prefect.concurrency.sync import concurrency
 from prefect.context import TaskRunContext
 from prefect.filesystems import WritableFileSystem
@@ -114,13 +116,49 @@ def _gpu_slot(user: str, log) -> Iterator[None]:
     opts = {"occupy": 1, "lease_duration": GPU_LEASE_S,
             "holder": ConcurrencyLeaseHolder(type="task_run", id=ctx.task_run.id) if ctx else None}
     with contextlib.ExitStack() as held:
+        leases = held.enter_context(ConcurrencyContext())  # where Prefect records the lease it grants
         try:
             held.enter_context(concurrency(GPU_LIMIT, timeout_seconds=GPU_TRY_S, **opts))
         except TimeoutError:
             log(f"[{user}] waiting for a slot of the global concurrency limit {GPU_LIMIT!r} ({_gpu_usage()}): "
                 "device work of another run holds it")
             held.enter_context(concurrency(GPU_LIMIT, **opts))
+        if leases.cleanup_lease_ids and ctx is not None:
+            held.enter_context(_lease_label(ctx.task_run, leases.cleanup_lease_ids[-1]))
         yield
+
+
+LEASE_LABEL = "nanopipe.gpu-lease."  # + task run id: a flow run label naming a gpu lease it holds
+RELEASED = "released"
+
+
+@contextlib.contextmanager
+def _lease_label(task_run, lease_id) -> Iterator[None]:
+    """Name the lease on the flow run while it is held, so that release_dead_leases can release it
+    when the run's process dies without releasing anything (SIGKILL)."""
+    key = LEASE_LABEL + str(task_run.id)
+    with get_client(sync_client=True) as client:
+        client.update_flow_run_labels(task_run.flow_run_id, {key: str(lease_id)})
+    try:
+        yield
+    finally:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run_labels(task_run.flow_run_id, {key: RELEASED})
+
+
+def release_dead_leases(flow=None, flow_run=None, state=None) -> None:
+    """on_crashed hook: release the `gpu` slots a crashed flow run still holds. A process worker runs
+    it when the run's process dies (a SIGKILLed engine releases nothing itself), so the slot comes
+    back at once instead of when its lease expires."""
+    with get_client(sync_client=True) as client:
+        labels = client.read_flow_run(flow_run.id).labels
+        for key, lease in labels.items():
+            if key.startswith(LEASE_LABEL) and lease != RELEASED:
+                try:
+                    client.release_concurrency_slots_with_lease(lease_id=uuid.UUID(str(lease)))
+                except Exception:  # released or expired meanwhile
+                    pass
+                client.update_flow_run_labels(flow_run.id, {key: RELEASED})
 
 
 def _gpu_usage() -> str:

@@ -59,7 +59,7 @@ def ps(pids) -> str:
     """`ps` lines of these processes (for the test log), or a note that none is left."""
     if not pids:
         return "(no process left)"
-    return subprocess.run(["ps", "-o", "pid,ppid,pgid,sid,stat,etime,args", "-p", ",".join(map(str, pids))],
+    return subprocess.run(["ps", "-ww", "-o", "pid,ppid,pgid,sid,stat,etime,args", "-p", ",".join(map(str, pids))],
                           capture_output=True, text=True).stdout.rstrip()
 
 
@@ -74,14 +74,33 @@ def wait_for(check, timeout: float, what: str, every: float = 0.2):
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def checkpoint_steps(store_url: str, stage: str) -> list[int]:
-    """Steps of the complete checkpoints in the stage's unfinished dirs."""
-    return sorted(int(p.split("ckpt_")[1].split("/")[0])
-                  for p in glob.glob(f"{store_url}/{stage}/*/_work/ckpt_*/COMPLETE"))
+def stage_dir(store_url: str, overrides, stage: str) -> str | None:
+    """The dir of `stage` for preset tiny with `overrides`, once its upstream is built (None before)."""
+    from nanopipe.config import load_config
+    from nanopipe.runner import committed, compute_key
+    from nanopipe.stages import STAGES
+    from nanopipe.store import Store
+
+    store, cfg = Store(store_url), load_config("tiny", list(overrides))
+    built = committed(store, cfg, [u for u in STAGES if u in STAGES[stage]])
+    if not all(u in built for u in STAGES[stage]):
+        return None
+    return store.stage_dir(stage, compute_key(cfg, stage, {u: built[u] for u in STAGES[stage]}))
 
 
-def launch_logs(store_url: str, stage: str) -> str:
-    return "".join(open(p).read() for p in glob.glob(f"{store_url}/{stage}/*/launch.log"))
+def checkpoint_steps(stage_dir: str | None) -> list[int]:
+    """Steps of the complete checkpoints in an unfinished stage dir's _work/."""
+    return sorted(int(p.split("ckpt_")[1].split("/")[0]) for p in glob.glob(f"{stage_dir}/_work/ckpt_*/COMPLETE"))
+
+
+def resumed_at(stage_dir: str | None) -> int | None:
+    """The step the newest launch of the stage resumed at (from its launch.log), or None."""
+    try:
+        text = open(f"{stage_dir}/launch.log").read().rsplit("=== ", 1)[-1]
+    except OSError:
+        return None
+    said = text.split("resumed from checkpoint at step ")
+    return int(said[1].split()[0]) if len(said) > 1 else None
 
 
 def commit_chat_model(store) -> dict:

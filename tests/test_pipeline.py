@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from conftest import LONG_TRAIN, SMALL, checkpoint_steps, launch_logs, ps, sets, stage_processes, wait_for
+from conftest import LONG_TRAIN, SMALL, checkpoint_steps, ps, resumed_at, sets, stage_dir, stage_processes, wait_for
 
 from nanopipe.config import load_config
 from nanopipe.runner import run_pipeline
@@ -82,6 +82,32 @@ def test_injected_failure_then_rerun_does_not_redo_tokenizer(prefect_server, sto
     assert data["shards_reused"] >= 2 and data["shards_reused"] + data["shards_written"] == data["train_shards"]
 
 
+def test_a_failed_stage_leaves_its_dependants_cancelled_and_says_so_once(prefect_server, tmp_path, monkeypatch):
+    """Stages that cannot run because an upstream failed end Cancelled (not Pending, bars growing),
+    named after their stage; the run's message is one line; the failure's traceback is logged once."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    monkeypatch.setenv("NANOPIPE_FAULTS", "data.shard=2:raise")
+    state, states = run_flow(str(tmp_path / "store"), stages=["base_train"])
+    assert state.is_failed() and states == {"tokenizer": "Completed", "data": "Failed", "base_train": "Cancelled"}
+    assert len(state.message.splitlines()) == 1
+    assert state.message.startswith("data failed: ") and "injected fault at data.shard" in state.message
+    assert state.message.endswith("not run: base_train")
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        (base_train,) = [r for r in client.read_task_runs() if r.flow_run_id == flow_run_id and r.name == "base_train"]
+        assert base_train.state.message == "not run: upstream data did not complete"
+
+        def tracebacks() -> int:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            return sum(log.message.count("Traceback (most recent call last)") for log in logs)
+
+        wait_for(tracebacks, 30, "the failure's traceback in the run's logs")
+        time.sleep(3)  # logs are shipped in batches: a second traceback would be there by now
+        assert tracebacks() == 1
+
+
 def test_sigkill_mid_data_then_rerun_writes_only_missing_shards(prefect_server, store_url):
     cmd = [sys.executable, "-m", "nanopipe", "stage", "data", "--store", store_url, *sum((["--set", o] for o in SMALL), [])]
     p = subprocess.run(cmd, env=env(NANOPIPE_FAULTS="data.shard=2:kill"), capture_output=True, text=True, timeout=300)
@@ -116,7 +142,7 @@ def test_sigkill_of_a_no_prefect_run_group_leaves_no_rank_and_the_rerun_resumes(
 
     def resumed(run: subprocess.Popen) -> bool:
         assert run.poll() is None, f"the rerun ended (exit {run.returncode}): {(tmp_path / 'stderr.log').read_text()[-3000:]}"
-        return "resumed from checkpoint at step" in launch_logs(url, "base_train")
+        return resumed_at(stage_dir(url, SMALL + LONG_TRAIN, "base_train")) is not None
 
     def kill_group(run: subprocess.Popen) -> None:
         before = stage_processes(url)
@@ -129,13 +155,13 @@ def test_sigkill_of_a_no_prefect_run_group_leaves_no_rank_and_the_rerun_resumes(
 
     first = start()
     try:
-        step = wait_for(lambda: checkpoint_steps(url, "base_train"), 600, "base_train's first checkpoint")[-1]
+        step = wait_for(lambda: checkpoint_steps(stage_dir(url, SMALL + LONG_TRAIN, "base_train")), 600,
+                        "base_train's first checkpoint")[-1]
         kill_group(first)
         second = start()  # the rerun: starts at once (nothing holds the stage), resumes
         try:
             wait_for(lambda: resumed(second), 600, "the rerun to resume")
-            resumed = int(launch_logs(url, "base_train").split("resumed from checkpoint at step ")[1].split()[0])
-            assert resumed >= step
+            assert resumed_at(stage_dir(url, SMALL + LONG_TRAIN, "base_train")) >= step
             kill_group(second)
         finally:
             if second.poll() is None:
