@@ -18,8 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import httpx
+from pydantic import ValidationError
 
 from nanopipe.launch import background
+# The server's own answer schemas: the probe checks its answers against them, and importing them
+# puts the server's code (the app, the engine, the model) in this stage's key (nanopipe.codeid).
+from nanopipe.serve.app import Health, Stats
 
 if TYPE_CHECKING:
     from nanopipe.runner import StageContext
@@ -68,7 +72,10 @@ def _wait_until_up(base: str, server, key: str, log_path: str) -> dict:
         except httpx.TransportError:
             time.sleep(0.2)
             continue
-        model = str(r.json().get("model", "")) if r.status_code == 200 else ""
+        try:
+            model = Health.model_validate_json(r.text).model if r.status_code == 200 else ""
+        except ValidationError:
+            model = ""
         if not (model.startswith("sft/") and key.startswith(model[len("sft/"):])):
             raise RuntimeError(f"serve: {base} answers, but not as the server of sft/{key[:16]}: {r.text[:200]}")
         return r.json()
@@ -93,6 +100,7 @@ def run(ctx: "StageContext") -> dict:
                                                        cfg.timeout_s), range(cfg.concurrency)))
         wall = time.perf_counter() - t0
         stats = httpx.get(f"{base}/stats", timeout=10).json()
+        Stats.model_validate(stats)
     metrics = {"model": name, "ttft_ms": round(1000 * single["ttft_s"], 1),
                "single_tokens_per_s": round(single["chunks"] / max(single["seconds"] - single["ttft_s"], 1e-9), 1),
                "concurrency": cfg.concurrency,
