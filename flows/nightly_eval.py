@@ -75,7 +75,7 @@ def evaluate_checkpoint(store: Store, manifest: dict, *, core_source: str, max_e
         batches = val_batches(val, tok, batch_size, seq, max_batches=n_batches, device=dev)
         metrics["val_bpb"] = evaluate_bpb(model, batches, tok.token_bytes().to(dev), dev)
         log(f"[nightly] {manifest['stage']}: val bpb {metrics['val_bpb']:.4f}")
-        core = evaluate_core(model, tok, load_core_tasks(core_source), seq, dev, max_examples=max_examples,
+        core = evaluate_core(model, tok, load_core_tasks(core_source, log=log), seq, dev, max_examples=max_examples,
                              batch_size=batch_size, log=log)
     metrics["core"] = core["core"]
     metrics.update({f"core/{label}": r["accuracy"] for label, r in core["tasks"].items()})
