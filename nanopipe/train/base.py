@@ -18,6 +18,7 @@ import torch
 from nanopipe.data.loader import DataLoader, val_batches
 from nanopipe.eval.bpb import evaluate_bpb
 from nanopipe import loading
+from nanopipe.device import compile_enabled
 from nanopipe.model import GPT, GPTConfig
 from nanopipe.tokenizer import Tokenizer
 from nanopipe.train.common import (Dist, LoopSpec, init_distributed, loop_metrics, loss_curve, save_model, supervised_step,
@@ -71,7 +72,7 @@ def horizon(cfg, num_params: int, flops_per_token: float) -> int:
 def train(ctx: "StageContext") -> dict:
     cfg = ctx.config
     d = init_distributed(cfg.device, cfg.threads, cfg.seed)
-    log, cuda = ctx.log, d.device.type == "cuda"
+    log = ctx.log
 
     tok = load_tokenizer(ctx)
     token_bytes = load_token_bytes(ctx).to(d.device)
@@ -84,7 +85,7 @@ def train(ctx: "StageContext") -> dict:
     model.init_weights(seed=cfg.seed)
     num_params, flops_per_token = model.num_params(), model.estimate_flops()
     optimizers = model.setup_optimizers(cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.weight_decay)
-    use_compile = cfg.compile if cfg.compile is not None else cuda
+    use_compile = compile_enabled(cfg.compile, d.device)
     fwd = torch.compile(model, dynamic=False) if use_compile else model
 
     tokens_per_micro = cfg.device_batch_size * cfg.sequence_len * d.world_size

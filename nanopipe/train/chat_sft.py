@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from nanopipe.chat import render_conversation
+from nanopipe.device import compile_enabled
 from nanopipe.tasks import Mixture, make_task
 from nanopipe.train.common import (LoopSpec, init_distributed, loop_metrics, loss_curve, save_model, supervised_step,
                                    train_loop, warm_start)
@@ -127,10 +128,10 @@ def train(ctx: "StageContext") -> dict:
     """Warm-start from the upstream stage's model and train on the configured mixture."""
     cfg = ctx.config
     d = init_distributed(cfg.device, cfg.threads, cfg.seed)
-    log, cuda = ctx.log, d.device.type == "cuda"
+    log = ctx.log
     parent, tok, model, optimizers = warm_start(ctx, d)
     T = min(cfg.max_seq_len, model.config.sequence_len)
-    fwd = torch.compile(model, dynamic=True) if (cfg.compile if cfg.compile is not None else cuda) else model
+    fwd = torch.compile(model, dynamic=True) if compile_enabled(cfg.compile, d.device) else model
 
     train_set = build_mixture(cfg.mixture, cfg.seed)
     val_set = build_mixture(cfg.val_mixture, cfg.seed + 1)
