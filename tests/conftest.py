@@ -6,6 +6,8 @@ import socket
 
 import pytest
 
+from nanopipe import STRICT_COLLECTIVES_ENV
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect" / "tests"))
 os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)
@@ -13,6 +15,9 @@ os.environ["DO_NOT_TRACK"] = "1"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ["NANOPIPE_RETRIES"] = "0"  # tests inject failures; retrying them would only slow the suite
+# Multi-rank tests run on gloo; their children (torchrun, mp.spawn) inherit this and check every
+# collective as NCCL would (nanopipe/distcheck.py).
+os.environ[STRICT_COLLECTIVES_ENV] = "1"
 
 
 @pytest.fixture(scope="session")

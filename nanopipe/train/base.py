@@ -65,7 +65,8 @@ def train(ctx: "StageContext") -> dict:
     model.to_empty(device=d.device)
     model.init_weights(seed=cfg.seed)
     num_params, flops_per_token = model.num_params(), model.estimate_flops()
-    optimizers = model.setup_optimizers(cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.weight_decay)
+    optimizers = model.setup_optimizers(cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.weight_decay,
+                                        ns_dtype=cfg.muon_ns_dtype)
     use_compile = cfg.compile if cfg.compile is not None else cuda
     fwd = torch.compile(model, dynamic=False) if use_compile else model
 
@@ -79,6 +80,7 @@ def train(ctx: "StageContext") -> dict:
     log(f"[base_train] {steps} steps x {cfg.total_batch_size:,} tokens = {steps * cfg.total_batch_size:,} tokens "
         f"({steps * cfg.total_batch_size / num_params:.1f} per param) | grad accum {grad_accum} | "
         f"{d.world_size} rank(s) on {d.device}{' + compile' if use_compile else ''}")
+    log(f"[base_train] {optimizers[1].describe()}")
 
     spec = LoopSpec("base_train", steps, grad_accum, flops_per_token, cfg.grad_clip, cfg.warmup_ratio,
                     cfg.warmdown_ratio, cfg.final_lr_frac, cfg.eval_every, cfg.checkpoint_every,
@@ -95,7 +97,8 @@ def train(ctx: "StageContext") -> dict:
         return evaluate_bpb(fwd, batches, token_bytes, d.device)
 
     state = train_loop(ctx, d, spec, model, fwd, optimizers, make_batches, evaluate, log)
-    metrics = {**loop_metrics(spec, state, d), "params": num_params, "flops_per_token": flops_per_token}
+    metrics = {**loop_metrics(spec, state, d), "params": num_params, "flops_per_token": flops_per_token,
+               "muon_ns_dtype": optimizers[1].ns_dtype_name}
     if d.is_master:
         w = ctx.writer
         w.write_bytes("model.pt", model_bytes(model))

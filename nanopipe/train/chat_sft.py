@@ -126,7 +126,8 @@ def train(ctx: "StageContext", parent: str) -> dict:
     tok = loading.load_tokenizer(ctx.store, ctx.upstream["tokenizer"])
     model = loading.load_model(ctx.store, ctx.upstream[parent], d.device).train()
     T = min(cfg.max_seq_len, model.config.sequence_len)
-    optimizers = model.setup_optimizers(cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.weight_decay)
+    optimizers = model.setup_optimizers(cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.weight_decay,
+                                        ns_dtype=cfg.muon_ns_dtype)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] = group["lr"] * cfg.init_lr_frac
@@ -144,6 +145,7 @@ def train(ctx: "StageContext", parent: str) -> dict:
         steps = max(1, tokens // (rows_per_step * T))
     log(f"[{ctx.stage}] from {parent} {ctx.upstream[parent]['key'][:16]} | {len(train_set):,} conversations "
         f"({cfg.packing}) | {steps} steps x {rows_per_step} rows of <= {T} tokens | {len(val_set):,} held out")
+    log(f"[{ctx.stage}] {optimizers[1].describe()}")
 
     spec = LoopSpec(ctx.stage, steps, cfg.grad_accum, model.estimate_flops(), cfg.grad_clip, cfg.warmup_ratio,
                     cfg.warmdown_ratio, cfg.final_lr_frac, cfg.eval_every, cfg.checkpoint_every,
@@ -158,6 +160,7 @@ def train(ctx: "StageContext", parent: str) -> dict:
 
     state = train_loop(ctx, d, spec, model, fwd, optimizers, make_batches, evaluate, log)
     metrics = {**loop_metrics(spec, state, d), "conversations": len(train_set),
+               "muon_ns_dtype": optimizers[1].ns_dtype_name,
                "val_loss_start": state["val"][0][1] if state["val"] else None}
     if d.is_master:
         w = ctx.writer

@@ -236,7 +236,9 @@ def train(ctx: "StageContext", parent: str = "sft") -> dict:
     log = ctx.log if d.is_master else (lambda s: None)
     tok = loading.load_tokenizer(ctx.store, ctx.upstream["tokenizer"])
     model = loading.load_model(ctx.store, ctx.upstream[parent], d.device)
-    optimizers = model.setup_optimizers(cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.weight_decay)
+    optimizers = model.setup_optimizers(cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.weight_decay,
+                                        ns_dtype=cfg.muon_ns_dtype)
+    log(f"[rl] {optimizers[1].describe()}")
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] = group["lr"] * cfg.init_lr_frac
@@ -338,7 +340,7 @@ def train(ctx: "StageContext", parent: str = "sft") -> dict:
 
     metrics = rl_metrics(cfg, state, steps, k, d)
     metrics.update(train_examples=len(pool), train_dropped_as_held_out=len(train_set) - len(pool), eval_examples=n_eval,
-                   eval_task=cfg.eval_task.task)
+                   eval_task=cfg.eval_task.task, muon_ns_dtype=optimizers[1].ns_dtype_name)
     if d.is_master:
         w = ctx.writer
         w.write_bytes("model.pt", model_bytes(model))
