@@ -6,8 +6,8 @@ Muon (https://kellerjordan.github.io/posts/muon/) runs SGD with Nesterov
 momentum and replaces each matrix's update by an approximately orthogonal one,
 computed with a quintic Newton-Schulz iteration (modded-nanogpt's coefficients).
 bf16 is stable there, and 2-3x faster than fp32 on GPUs and on CPUs with native
-bf16 (AVX512-BF16, AMX); on a CPU without (AVX2 only) it is emulated and about
-20x slower than fp32, so the dtype is picked per device (fast_ns_dtype).
+bf16 (AVX512-BF16, AMX); on a CPU without (AVX2 only) it is emulated and 10-20x
+slower than fp32, so the dtype is picked per device (fast_ns_dtype).
 Matrices of one shape are stacked, so each group needs a handful of batched
 matmuls rather than a loop of small ones.
 
