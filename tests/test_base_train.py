@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from nanopipe.config import load_config
+from nanopipe.optim import dtype_name, fast_ns_dtype
 from nanopipe.runner import compute_key, run_pipeline
 from nanopipe.store import Store
 
@@ -67,6 +68,9 @@ def test_loss_falls_and_manifest_is_complete(store):
     assert m["metrics"]["val_bpb"] > 0 and m["metrics"]["tokens"] == 12 * 512
     assert {"model.pt", "model_config.json", "loss_curve.json"} <= {f["path"] for f in m["files"]}
     assert not store.fs.exists(store.work_dir("base_train", key))  # resume state is gone after commit
+    dtype, why = fast_ns_dtype("cpu")  # what muon_ns_dtype=auto picks on this machine
+    assert m["metrics"]["muon_ns_dtype"] == dtype_name(dtype)
+    assert f"[base_train] Muon Newton-Schulz in {dtype_name(dtype)}: {why}" in p.stdout + p.stderr
 
 
 def test_sigkill_then_rerun_is_bitwise_identical_and_upstream_cached(store, upstream_store, tmp_path, prefect_server):
