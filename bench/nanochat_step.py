@@ -10,12 +10,14 @@ clipping, the LR and Muon momentum writes, the optimizer steps, zero_grad. No da
 or downloads: the vocabulary size is given.
 
 Protocol, one JSON object a line: after two warm-up steps (compilation) it prints
-{"params", "flops_per_token", "tokens_per_step"}; then each line "N" read from stdin runs N steps
-and answers {"step_s": seconds per step}. End of input ends it.
+{"params", "flops_per_token", "tokens_per_step"}; then each line "N" read from stdin runs one untimed
+step and N timed ones, answers {"step_s": seconds per step}, and hands its freed heap back to the
+system (glibc malloc_trim) while it waits. End of input ends it.
 """
 
 import argparse
 import contextlib
+import ctypes
 import json
 import sys
 import time
@@ -75,13 +77,17 @@ def main() -> None:
     sync()
     print(json.dumps({"params": sum(p.numel() for p in model.parameters()), "flops_per_token": model.estimate_flops(),
                       "tokens_per_step": accum * s["rows"] * s["seq"]}), file=protocol, flush=True)
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     for line in sys.stdin:
         n = int(line)
+        step()
         t0 = time.perf_counter()
         for _ in range(n):
             step()
         sync()
         print(json.dumps({"step_s": (time.perf_counter() - t0) / n}), file=protocol, flush=True)
+        if trim:
+            trim(0)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Pretraining throughput on this machine: tokens/s, model FLOP/s and MFU of a full optimizer step
 (forward, backward, gradient clipping, Muon + AdamW), side by side with nanochat's own code.
 
-    python bench/train.py [--shapes cpu] [--rounds 3] [--steps 2] [--nanochat DIR] [--device cpu|cuda]
+    python bench/train.py [--shapes cpu] [--rounds 3] [--steps 1] [--nanochat DIR] [--device cpu|cuda]
                           [--system-malloc]
 
 Contenders, at each shape the same model size, batch and random tokens:
@@ -14,8 +14,10 @@ Contenders, at each shape the same model size, batch and random tokens:
                      git directory of nanochat from which --nanochat-rev (default: the classic 790f3be, the
                      recipe nanopipe follows) is extracted to a temporary directory. Without it the
                      comparison is skipped, with a line saying so.
-Timed rounds alternate A B C A B C after warm-up steps (the machine's speed drifts; other work hits all
-alike); step times are medians over rounds. Each side counts its own model FLOPs per token (6 x matmul
+Timed rounds alternate A B C A B C (the machine's speed drifts; other work hits all alike); step times
+are medians over rounds. In each turn one untimed step comes first: after its turn a contender hands its
+freed heap back to the system (malloc_trim), so that two resident training processes of this size fit a
+small machine, and the untimed step faults it in again. Each side counts its own model FLOPs per token (6 x matmul
 weights + attention, the same formula). MFU needs a peak: on CUDA the device's dense bf16 peak, on CPU
 the fp32 matmul FLOP/s measured here first (a large torch.mm), stated in the output. It also times
 Newton-Schulz alone on a 4x256x1024 stack in bf16 and fp32.
@@ -28,6 +30,7 @@ vs_nanochat=<x>
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -90,6 +93,13 @@ def newton_schulz_seconds(dtype: torch.dtype, device: torch.device, shape=(4, 25
     return best
 
 
+def release_heap() -> None:
+    """Return freed heap memory to the system (glibc; training_env's malloc settings keep it otherwise)."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim:
+        trim(0)
+
+
 class NanopipeStep:
     """nanopipe's model and optimizers at a shape, stepped as train_loop steps them."""
 
@@ -121,11 +131,15 @@ class NanopipeStep:
         loss.item()
 
     def timed(self, steps: int, ns_dtype: torch.dtype) -> float:
+        """Seconds per step of `steps` steps, after an untimed one; then the freed heap goes back."""
         self.optimizers[1].ns_dtype = ns_dtype
+        self.step()
         t0 = time.perf_counter()
         for _ in range(steps):
             self.step()
-        return (time.perf_counter() - t0) / steps
+        dt = (time.perf_counter() - t0) / steps
+        release_heap()
+        return dt
 
 
 class NanochatStep:
@@ -186,8 +200,6 @@ def compare(name: str, s: dict, a, device: torch.device, compile_: bool, checkou
         contenders["nanochat"] = nanochat.timed
         info["nanochat"] = nanochat.info
     try:
-        for timed in contenders.values():  # warm-up: first allocations, oneDNN kernels, compilation
-            timed(1)
         times = {k: [] for k in contenders}
         for i in range(a.rounds):
             for k, timed in contenders.items():
@@ -226,7 +238,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="cpu", help=f"comma-separated, of: {', '.join(shapes())}")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=2, help="timed steps per contender per round")
+    ap.add_argument("--steps", type=int, default=1, help="timed steps per contender per round")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true", help="torch.compile nanopipe's model (default on CUDA)")
     ap.add_argument("--nanochat", default=os.environ.get("NANOCHAT_DIR"),
