@@ -145,6 +145,7 @@ def train(ctx: "StageContext") -> dict:
         steps = max(1, tokens // (rows_per_step * T))
     log(f"[{ctx.stage}] from {parent} {ctx.upstream[parent]['key'][:16]} | {len(train_set):,} conversations "
         f"({cfg.packing}) | {steps} steps x {rows_per_step} rows of <= {T} tokens | {len(val_set):,} held out")
+    log(f"[{ctx.stage}] {optimizers[1].describe()}")
 
     spec = LoopSpec(ctx.stage, steps, model.estimate_flops(), cfg.grad_clip, cfg.warmup_ratio, cfg.warmdown_ratio,
                     cfg.final_lr_frac, cfg.eval_every, cfg.checkpoint_every, cfg.keep_checkpoints, "val_loss")
@@ -157,6 +158,7 @@ def train(ctx: "StageContext") -> dict:
     state = train_loop(ctx, d, spec, model, optimizers, supervised_step(d, fwd, batches, cfg.grad_accum), evaluate,
                        log, data=batches)
     metrics = {**loop_metrics(spec, state, d), "conversations": len(train_set),
+               "muon_ns_dtype": optimizers[1].ns_dtype_name,
                "val_loss_start": state["val"][0][1] if state["val"] else None}
     if d.is_master:
         save_model(ctx.writer, model)
