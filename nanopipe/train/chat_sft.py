@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from nanopipe.chat import render_conversation
+from nanopipe.device import compile_enabled
 from nanopipe.tasks import Mixture, make_task
 from nanopipe.train.common import (LoopSpec, init_distributed, loop_metrics, loss_curve, save_model, supervised_step,
                                    train_loop, warm_start)
@@ -127,10 +128,10 @@ def train(ctx: "StageContext") -> dict:
     """Warm-start from the upstream stage's model and train on the configured mixture."""
     cfg = ctx.config
     d = init_distributed(cfg.device, cfg.threads, cfg.seed)
-    log, cuda = ctx.log, d.device.type == "cuda"
+    log = ctx.log
     parent, tok, model, optimizers = warm_start(ctx, d)
     T = min(cfg.max_seq_len, model.config.sequence_len)
-    fwd = torch.compile(model, dynamic=True) if (cfg.compile if cfg.compile is not None else cuda) else model
+    fwd = torch.compile(model, dynamic=True) if compile_enabled(cfg.compile, d.device) else model
 
     train_set = build_mixture(cfg.mixture, cfg.seed)
     val_set = build_mixture(cfg.val_mixture, cfg.seed + 1)
@@ -144,6 +145,7 @@ def train(ctx: "StageContext") -> dict:
         steps = max(1, tokens // (rows_per_step * T))
     log(f"[{ctx.stage}] from {parent} {ctx.upstream[parent]['key'][:16]} | {len(train_set):,} conversations "
         f"({cfg.packing}) | {steps} steps x {rows_per_step} rows of <= {T} tokens | {len(val_set):,} held out")
+    log(f"[{ctx.stage}] {optimizers[1].describe()}")
 
     spec = LoopSpec(ctx.stage, steps, model.estimate_flops(), cfg.grad_clip, cfg.warmup_ratio, cfg.warmdown_ratio,
                     cfg.final_lr_frac, cfg.eval_every, cfg.checkpoint_every, cfg.keep_checkpoints, "val_loss")
@@ -156,6 +158,7 @@ def train(ctx: "StageContext") -> dict:
     state = train_loop(ctx, d, spec, model, optimizers, supervised_step(d, fwd, batches, cfg.grad_accum), evaluate,
                        log, data=batches)
     metrics = {**loop_metrics(spec, state, d), "conversations": len(train_set),
+               "muon_ns_dtype": optimizers[1].ns_dtype_name,
                "val_loss_start": state["val"][0][1] if state["val"] else None}
     if d.is_master:
         save_model(ctx.writer, model)
