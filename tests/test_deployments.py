@@ -255,7 +255,8 @@ def test_single_stage_deployment_reuses_upstream(deployed, trained):
 
 
 @pytest.mark.e2e
-def test_nightly_eval_publishes_table_and_flags_regressions(deployed, trained, tmp_path):
+def test_nightly_eval_publishes_table_and_flags_regressions(deployed, trained, tmp_path, monkeypatch):
+    import flows.nightly_eval as nightly_flow
     from flows.nightly_eval import nightly_eval
 
     params = dict(max_examples=2, core_source=write_core_bundle(tmp_path / "core"), bpb_tokens=512, batch_size=4,
@@ -282,10 +283,15 @@ def test_nightly_eval_publishes_table_and_flags_regressions(deployed, trained, t
     assert len(store.fs.ls(store.nightly_dir(), detail=False)) == 2
 
     # Other settings measure differently: a new baseline, said so, and nothing called a regression.
+    # Evaluating is device work: it holds the `gpu` slot like the training stages.
+    slots, evaluate = [], nightly_flow.evaluate_checkpoint
+    monkeypatch.setattr(nightly_flow, "evaluate_checkpoint",
+                        lambda *a, **k: slots.append(gpu_slots_in_use()) or evaluate(*a, **k))
     out = nightly_eval(store=deployed["store"], fail_on_regression=True, **{**params, "max_examples": 3})
     assert out["compared"].startswith("new baseline") and "max_examples 2 -> 3" in out["compared"]
     assert {r["status"] for r in out["rows"]} == {"new"}
     assert "new baseline" in latest_artifact("nightly-eval-summary").data
+    assert slots == [1]
 
 
 @pytest.mark.e2e
