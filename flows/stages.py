@@ -90,7 +90,7 @@ GPU_LIMIT = "gpu"  # the global concurrency limit of device work (deployments/po
 # The server's shortest lease: the slot of a holder that died without releasing it (a SIGKILLed
 # engine) is free again within about a minute (plus the server's 15 s sweep), not five.
 GPU_LEASE_S = 60
-GPU_TRY_S = 2.0  # how long to try for a slot before saying that the stage waits for one
+GPU_TRY_S = 2.0  # how long a stage waits for a slot before saying so
 
 
 @contextlib.contextmanager
@@ -115,14 +115,18 @@ def _gpu_slot(user: str, log) -> Iterator[None]:
     ctx = TaskRunContext.get()
     opts = {"occupy": 1, "lease_duration": GPU_LEASE_S,
             "holder": ConcurrencyLeaseHolder(type="task_run", id=ctx.task_run.id) if ctx else None}
+    # Said from a timer, not after a first try with a timeout: Prefect logs a timed-out try as an error.
+    waiting = threading.Timer(GPU_TRY_S, lambda: log(
+        f"[{user}] waiting for a slot of the global concurrency limit {GPU_LIMIT!r} ({_gpu_usage()}): "
+        "device work of another run holds it"))
+    waiting.daemon = True
     with contextlib.ExitStack() as held:
         leases = held.enter_context(ConcurrencyContext())  # where Prefect records the lease it grants
+        waiting.start()
         try:
-            held.enter_context(concurrency(GPU_LIMIT, timeout_seconds=GPU_TRY_S, **opts))
-        except TimeoutError:
-            log(f"[{user}] waiting for a slot of the global concurrency limit {GPU_LIMIT!r} ({_gpu_usage()}): "
-                "device work of another run holds it")
             held.enter_context(concurrency(GPU_LIMIT, **opts))
+        finally:
+            waiting.cancel()
         if leases.cleanup_lease_ids and ctx is not None:
             held.enter_context(_lease_label(ctx.task_run, leases.cleanup_lease_ids[-1]))
         yield
