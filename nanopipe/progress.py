@@ -17,10 +17,11 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import posixpath
 import time
 from typing import TYPE_CHECKING, Callable
 
-from nanopipe.store import Store, writing
+from nanopipe.store import Store, StoreError, writing
 
 if TYPE_CHECKING:
     from nanopipe.runner import StageContext
@@ -82,17 +83,16 @@ class StageProgress:
 
     Only rank 0 reports; on other ranks every call does nothing. update() reports at most once
     per `every_s` seconds unless forced; the ETA, unless given, is the elapsed time per unit done
-    times the units left. Elapsed time counts from this object's creation (this attempt)."""
+    times the units left. Elapsed time counts from this object's creation (this attempt).
+    Progress is for watching: a progress file that cannot be written (a full disk) is said once in
+    the stage's log and never stops the work (its checkpoints meet the same disk and say so)."""
 
     def __init__(self, ctx: "StageContext", total: int, every_s: float = EVERY_S):
         self.store, self.stage, self.key, self.total = ctx.store, ctx.stage, ctx.key, max(total, 1)
         self.active, self.on_progress, self.every_s = ctx.rank == 0, ctx.on_progress, every_s
+        self.log, self.file_failed = ctx.log, False
         self.started, self.reported = time.time(), -math.inf
         self.metrics: dict = {}
-        if self.active:  # a stage run in this process (not under torchrun) may not have made its _work/ yet
-            work = self.store.work_dir(self.stage, self.key)
-            with writing(self.store.url_of(work)):
-                self.store.fs.makedirs(work, exist_ok=True)
 
     def update(self, step: int, metrics: dict | None = None, eta_s: float | None = None, force: bool = False,
                phase: str | None = None) -> dict | None:
@@ -114,10 +114,22 @@ class StageProgress:
                  "updated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         if phase is not None:
             event["phase"] = phase
-        self.store.atomic_put(self.store.progress_path(self.stage, self.key), json.dumps(event).encode())
+        self._write(event)
         if self.on_progress is not None:
             self.on_progress(event)
         return event
+
+
+    def _write(self, event: dict) -> None:
+        path = self.store.progress_path(self.stage, self.key)
+        try:
+            with writing(self.store.url_of(path)):  # a stage run in this process may not have made _work/ yet
+                self.store.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            self.store.atomic_put(path, json.dumps(event).encode())
+        except (StoreError, OSError) as e:
+            if not self.file_failed:
+                self.file_failed = True
+                self.log(f"[{self.stage}] progress file not written (the stage goes on): {e}")
 
 
 def _finite(v):

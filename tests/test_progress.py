@@ -2,6 +2,7 @@
 W&B tracking, and the tracking config that changes no stage key. The real torchrun runs that
 emit them are in test_base_train.py."""
 
+import errno
 import glob
 import json
 import math
@@ -18,9 +19,10 @@ from nanopipe.stages import STAGES
 from nanopipe.store import Store
 
 
-def context(store, rank=0, events=None):
+def context(store, rank=0, events=None, logs=None):
     return SimpleNamespace(store=store, stage="base_train", key="k" * 64, rank=rank,
-                           on_progress=None if events is None else events.append)
+                           on_progress=None if events is None else events.append,
+                           log=(logs if logs is not None else []).append)
 
 
 def test_events_are_rate_limited_unless_forced_and_land_in_the_progress_file(tmp_path):
@@ -44,6 +46,20 @@ def test_events_are_rate_limited_unless_forced_and_land_in_the_progress_file(tmp
     time.sleep(0.05)
     e = watch2.update(1)
     assert e["eta_s"] == pytest.approx(3 * e["elapsed_s"], abs=0.15)
+
+
+def test_a_full_disk_is_said_once_and_stops_nothing(tmp_path, monkeypatch):
+    store, events, logs = Store(str(tmp_path / "store")), [], []
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "atomic_put", full)
+    watch = StageProgress(context(store, events=events, logs=logs), total=4, every_s=0)
+    for step in range(3):
+        watch.update(step)
+    assert [e["step"] for e in events] == [0, 1, 2]  # the parent still hears of every step
+    assert len(logs) == 1 and "progress file not written (the stage goes on)" in logs[0] and "space" in logs[0]
 
 
 def test_other_ranks_report_nothing(tmp_path):
