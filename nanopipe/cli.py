@@ -31,6 +31,7 @@ from nanopipe.artifacts import NIGHTLY_KEYS, stage_of
 from nanopipe.config import ConfigError, load_config
 from nanopipe.dag import PlanError, check_names, plan_stages
 from nanopipe.launch import LaunchError
+from nanopipe.progress import fmt_eta
 from nanopipe.stages import STAGES
 from nanopipe.store import Store, StoreError
 
@@ -327,8 +328,6 @@ def _describe_run(run: dict) -> str:
     if p and p.get("total"):
         parts.append(f"step {p.get('step')}/{p['total']} ({p.get('percent', 0):.0f}%)")
         if p.get("eta_s") is not None:
-            from nanopipe.train.common import fmt_eta
-
             parts.append(f"ETA {fmt_eta(p['eta_s'])}")
     elif who is not None:
         parts.append("no progress reported yet")
