@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from nanopipe import lineage
 from nanopipe.dag import in_order
+from nanopipe.plan import gpu_hour_usd as gpu_hour_usd_of
 from nanopipe.store import Store, output_digest
 
 MISSING = "-"
@@ -39,9 +40,7 @@ _CELL_SOURCES = {
     ("rl", "gsm8k"): [("chat_eval", "rl/gsm8k"), ("rl", "gsm8k_pass@1_after")],  # GSM8K pass@1 after RL
 }
 
-# Rough on-demand prices per GPU-hour in USD (nanochat's report uses the same Lambda prices).
-GPU_HOUR_USD = {"H100": 3.00, "A100": 1.79, "V100": 0.55}
-DEFAULT_GPU_HOUR_USD = 2.00
+DEFAULT_GPU_HOUR_USD = 2.00  # a GPU without a price in nanopipe.plan.PRICE_PER_GPU_HOUR
 
 
 class ReportError(ValueError):
@@ -179,7 +178,8 @@ def gpu_rate(gpus: list[str], gpu_hour_usd: float | None) -> float:
         return gpu_hour_usd * len(gpus)
     total = 0.0
     for name in gpus:
-        total += next((p for model, p in GPU_HOUR_USD.items() if model in name), DEFAULT_GPU_HOUR_USD)
+        price = gpu_hour_usd_of(name)
+        total += DEFAULT_GPU_HOUR_USD if price is None else price
     return total
 
 

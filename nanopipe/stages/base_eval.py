@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nanopipe import loading
+from nanopipe import loading, sizing
 from nanopipe.engine import Engine
 from nanopipe.eval.core import evaluate_core
 from nanopipe.eval.core_data import load_core_tasks, offline_provenance
 from nanopipe.train.base import load_token_bytes, val_bpb
-from nanopipe.train.common import init_distributed
+from nanopipe.train.common import init_distributed, pick_device_batch
 
 if TYPE_CHECKING:
     from nanopipe.runner import StageContext
@@ -39,9 +39,11 @@ def run(ctx: "StageContext") -> dict:
     model = loading.load_model(ctx.store, ctx.upstream["base_train"], d.device)
     seq = model.config.sequence_len
 
+    B = pick_device_batch(d, "base_eval", cfg.device_batch_size, sizing.EVAL_DEVICE_BATCHES,
+                          lambda b: sizing.eval_memory(model.config, b, seq, 2 if d.device.type == "cuda" else 4)["total"],
+                          log)
     with torch.no_grad(), d.autocast():
-        bpb, tokens = val_bpb(ctx, model, tok, load_token_bytes(ctx).to(d.device), d, cfg.device_batch_size, seq,
-                              cfg.eval_tokens)
+        bpb, tokens = val_bpb(ctx, model, tok, load_token_bytes(ctx).to(d.device), d, B, seq, cfg.eval_tokens)
     log(f"[base_eval] val bpb {bpb:.4f} over {tokens:,} tokens")
 
     samples = sample_prompts(model, tok, cfg) if d.is_master else []
