@@ -25,7 +25,7 @@ from prefect.runtime import flow_run
 from nanopipe import loading
 from nanopipe.lineage import ancestor
 from nanopipe.store import Store, StoreError
-from nanopipe.train.common import autocast_for
+from nanopipe.device import autocast_for, setup_device
 
 TABLE_KEY = "nightly-eval-table"
 SUMMARY_KEY = "nightly-eval-summary"
@@ -51,12 +51,6 @@ def resolve_models(store: Store, models: list[str] | None) -> list[dict]:
 
 # ----- evaluating one checkpoint (plain code: the task below only wraps it) -----
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def evaluate_checkpoint(store: Store, manifest: dict, *, core_source: str, max_examples: int | None,
                         bpb_tokens: int, chat: bool, batch_size: int, device: str, log=print) -> dict:
     """{"val_bpb", "core", "core/<task>"..., and for chat models "chat/<task>", "chat/chatcore"}."""
@@ -65,7 +59,7 @@ def evaluate_checkpoint(store: Store, manifest: dict, *, core_source: str, max_e
     from nanopipe.eval.core import evaluate_core
     from nanopipe.eval.core_data import load_core_tasks
 
-    dev = pick_device(device)
+    dev = setup_device(device)  # CUDA: TF32 here, bf16 autocast below and in the engine
     autocast = autocast_for(dev)
     model = loading.load_model(store, manifest, dev)
     tok = loading.load_tokenizer(store, loading.tokenizer_of(store, manifest))
@@ -81,7 +75,7 @@ def evaluate_checkpoint(store: Store, manifest: dict, *, core_source: str, max_e
         batches = val_batches(val, tok, batch_size, seq, max_batches=n_batches, device=dev)
         metrics["val_bpb"] = evaluate_bpb(model, batches, tok.token_bytes().to(dev), dev)
         log(f"[nightly] {manifest['stage']}: val bpb {metrics['val_bpb']:.4f}")
-        core = evaluate_core(model, tok, load_core_tasks(core_source), seq, dev, max_examples=max_examples,
+        core = evaluate_core(model, tok, load_core_tasks(core_source, log=log), seq, dev, max_examples=max_examples,
                              batch_size=batch_size, log=log)
     metrics["core"] = core["core"]
     metrics.update({f"core/{label}": r["accuracy"] for label, r in core["tasks"].items()})

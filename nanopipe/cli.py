@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--store")
         p.add_argument("--model", help="key prefix or stage name (default: the newest rl, sft, mid or base model)")
-        p.add_argument("--device", default="cpu")
+        p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                       help="auto: CUDA when present (bf16, TF32), else CPU (fp32)")
         if name == "chat":
             p.add_argument("-p", "--prompt", help="one prompt, print the reply and exit")
             p.add_argument("--temperature", type=float, default=0.6)

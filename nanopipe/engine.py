@@ -12,9 +12,14 @@ always 0..n-1 and every tensor is a plain slice).
 
 Why not model.forward: its KV-cache protocol (a scalar `pos` shared by the batch, no mask)
 cannot express rows at different positions, so the engine runs the same blocks itself with
-the model's own modules and helpers (q, k and v in one matmul, through a stacked copy of their
+the model's own helpers and weights (q, k and v in one matmul, through a stacked copy of their
 weights that is rebuilt whenever an optimizer step changes them). tests/test_engine.py checks
 it token for token against model.forward.
+
+Precision: nanopipe.device decides. On CUDA the forward runs under bf16 autocast, with the weights
+kept in a bf16 copy (rebuilt like the stacked one), so a decode step reads 2 bytes per weight rather
+than casting 4-byte weights every step, and the KV cache is bf16 (what attention consumes). On CPU
+everything is fp32, as the model is: no copies, the same numbers as model.forward.
 
 Tool use. A row that samples <|python_start|> code <|python_end|> gets the code run:
 sandbox.calculator for arithmetic, else sandbox.run_python (time and memory limits) in a
@@ -42,6 +47,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from nanopipe.device import autocast_for, compute_dtype, setup_device
 from nanopipe.model import LOGIT_SOFTCAP, GPT, apply_rotary, norm
 from nanopipe.sandbox import calculator, isolation, run_python
 from nanopipe.tokenizer import Tokenizer
@@ -203,11 +209,13 @@ class Engine:
 
     Drive it either with the one-call helpers (generate, generate_batch, generate_many) or,
     as the server does, with add_request / cancel / step from a single thread. `stop_ids`
-    (<|assistant_end|>, <|bos|>) end a sample; benchmarks may empty it.
+    (<|assistant_end|>, <|bos|>) end a sample; benchmarks may empty it. `dtype` is the compute dtype
+    (of the KV cache too); None: nanopipe.device.compute_dtype of the model's device.
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 16, max_seq_len: int | None = None,
-                 tools: bool = True, tool_timeout: float = 5.0, tool_memory_mb: int = 256):
+                 tools: bool = True, tool_timeout: float = 5.0, tool_memory_mb: int = 256,
+                 dtype: torch.dtype | None = None):
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
         cfg = model.config
@@ -236,13 +244,14 @@ class Engine:
         self.output_start, self.output_end = sid("<|output_start|>"), sid("<|output_end|>")
 
         self.device = model.get_device()
+        self.dtype = compute_dtype(self.device) if dtype is None else dtype
         self.cache = KVCache(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, max_batch, max_seq_len,
-                             self.device, model.lm_head.weight.dtype)
+                             self.device, self.dtype)
         self.rows: list[_Row] = []  # active rows; rows[i] owns cache row i
         self.waiting: deque[Request] = deque()  # not admitted yet (no free rows)
         self._ids = itertools.count()
         self._tool_pool: ThreadPoolExecutor | None = None
-        self._fused: dict[int, tuple] = {}  # layer -> (params, their versions, stacked qkv weight)
+        self._weights: dict[tuple, tuple] = {}  # (what, layer) -> (params, their versions, weight in self.dtype)
         self._arange = torch.arange(max_batch, device=self.device)
         self.tokens_generated = 0
 
@@ -294,6 +303,10 @@ class Engine:
     def step(self) -> list[TokenEvent]:
         """Admit waiting requests (prefill), then decode one token for every active row.
         Returns the events of this step, in order; each request also records them."""
+        with autocast_for(self.device, self.dtype):  # here, not by the caller: the server steps in its own thread
+            return self._step()
+
+    def _step(self) -> list[TokenEvent]:
         events: list[TokenEvent] = []
         self._drop_cancelled(events)
         if self._admit(events):
@@ -494,23 +507,32 @@ class Engine:
 
     # --- the model, run by hand (see the module docstring)
 
-    def _qkv_weight(self, layer: int, attn) -> torch.Tensor:
-        """c_q, c_k and c_v stacked into one matrix (one matmul instead of three), rebuilt
-        whenever the model's weights change (an optimizer step bumps their versions)."""
-        params = (attn.c_q.weight, attn.c_k.weight, attn.c_v.weight)
+    def _weight(self, key: tuple, *params: torch.Tensor) -> torch.Tensor:
+        """params (stacked into one matrix when several: c_q, c_k, c_v make one matmul) in the
+        compute dtype, rebuilt whenever the model's weights change (an optimizer step bumps their
+        versions). In fp32 a single weight is the parameter itself, not a copy."""
         versions = tuple(p._version for p in params)
-        cached = self._fused.get(layer)
+        cached = self._weights.get(key)
         if cached is None or cached[1] != versions or any(a is not b for a, b in zip(cached[0], params)):
-            cached = (params, versions, torch.cat(params))
-            self._fused[layer] = cached
+            weight = torch.cat(params) if len(params) > 1 else params[0]
+            cached = (params, versions, weight.to(self.dtype))
+            self._weights[key] = cached
         return cached[2]
+
+    def _block_rest(self, layer: int, block, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The rest of a block after attention: its output projection, then the MLP (relu^2, as
+        model.MLP), both residual."""
+        x = x + F.linear(y.transpose(1, 2).reshape(x.shape), self._weight(("attn_proj", layer), block.attn.c_proj.weight))
+        h = F.relu(F.linear(norm(x), self._weight(("fc", layer), block.mlp.c_fc.weight))).square()
+        return x + F.linear(h, self._weight(("mlp_proj", layer), block.mlp.c_proj.weight))
 
     def _qkv(self, layer: int, attn, x, cos, sin):
         """The model's attention inputs: q, k, v (B, heads, T, head_dim), rotary and QK norm
         applied to q and k together."""
         B, T, _ = x.shape
         H, Hkv = self.n_head, self.n_kv_head
-        qkv = F.linear(x, self._qkv_weight(layer, attn)).view(B, T, H + 2 * Hkv, self.head_dim)
+        qkv = F.linear(x, self._weight(("qkv", layer), attn.c_q.weight, attn.c_k.weight, attn.c_v.weight))
+        qkv = qkv.view(B, T, H + 2 * Hkv, self.head_dim)
         qk = norm(apply_rotary(qkv[:, :, :H + Hkv], cos, sin))
         q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -518,7 +540,7 @@ class Engine:
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C) final hidden states -> (B, vocab_size) soft-capped fp32 logits; the padded
         rows of lm_head are never computed."""
-        logits = F.linear(norm(x), self.model.lm_head.weight[:self.vocab_size])
+        logits = F.linear(norm(x), self._weight(("lm_head",), self.model.lm_head.weight)[:self.vocab_size])
         return torch.tanh(logits.float() / LOGIT_SOFTCAP) * LOGIT_SOFTCAP
 
     def _prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
@@ -535,11 +557,11 @@ class Engine:
         x = norm(self.model.transformer.wte(idx))
         for layer, block in enumerate(self.model.transformer.h):
             q, k, v = self._qkv(layer, block.attn, norm(x), cos, sin)
-            self.cache.kv[layer, 0, where, :, :T] = k
-            self.cache.kv[layer, 1, where, :, :T] = v
+            # .to: autocast may leave k (after the norm) in fp32; indexed writes need the cache's dtype
+            self.cache.kv[layer, 0, where, :, :T] = k.to(self.dtype)
+            self.cache.kv[layer, 1, where, :, :T] = v.to(self.dtype)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.gqa)
-            x = x + block.attn.c_proj(y.transpose(1, 2).reshape(x.shape))
-            x = x + block.mlp(norm(x))
+            x = self._block_rest(layer, block, x, y)
         last = x[torch.arange(B, device=self.device), torch.tensor(lens, device=self.device) - 1]
         return self._logits(last)
 
@@ -561,12 +583,11 @@ class Engine:
         x = norm(self.model.transformer.wte(tokens[:, None]))  # (n, 1, C)
         for layer, block in enumerate(self.model.transformer.h):
             q, k, v = self._qkv(layer, block.attn, norm(x), cos, sin)
-            kv[layer, 0, rows, :, pos] = k[:, :, 0]
-            kv[layer, 1, rows, :, pos] = v[:, :, 0]
+            kv[layer, 0, rows, :, pos] = k[:, :, 0].to(self.dtype)
+            kv[layer, 1, rows, :, pos] = v[:, :, 0].to(self.dtype)
             y = F.scaled_dot_product_attention(q, kv[layer, 0, :n, :, :Tk], kv[layer, 1, :n, :, :Tk],
                                                attn_mask=mask, enable_gqa=self.gqa)
-            x = x + block.attn.c_proj(y.transpose(1, 2).reshape(x.shape))
-            x = x + block.mlp(norm(x))
+            x = self._block_rest(layer, block, x, y)
         for row in self.rows:
             if row.last is not None:
                 row.length += 1
@@ -654,15 +675,16 @@ class TextStream:
         return text
 
 
-def load_engine(store_url: str | None = None, model: str | None = None, device: str = "cpu",
+def load_engine(store_url: str | None = None, model: str | None = None, device: str = "auto",
                 **engine_kwargs) -> tuple[Engine, str]:
     """An Engine over a committed checkpoint: `model` is a stage name or key prefix (None: the
-    newest of the most finished stage). Returns (engine, "stage/key12") naming the checkpoint."""
+    newest of the most finished stage), on `device` (auto, cpu or cuda; see nanopipe.device).
+    Returns (engine, "stage/key12") naming the checkpoint."""
     from nanopipe.loading import find_model, load_model, load_tokenizer, tokenizer_of
     from nanopipe.store import Store
 
     store = Store(store_url)
     manifest = find_model(store, model)
-    gpt = load_model(store, manifest, device=device)
+    gpt = load_model(store, manifest, device=setup_device(device))
     tok = load_tokenizer(store, tokenizer_of(store, manifest))
     return Engine(gpt, tok, **engine_kwargs), f"{manifest['stage']}/{manifest['key'][:12]}"

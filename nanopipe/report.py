@@ -235,8 +235,11 @@ def build_report(store: Store, manifests: dict[str, dict], git: dict | None = No
 
     # Summary: the stage x metric table
     table = summary_table(manifests)
+    # which CORE: "CORE" (the published bundle, as nanochat's) or e.g. "CORE (20/22 tasks, offline substitute)"
+    core_name = manifests.get("base_eval", {}).get("metrics", {}).get("core_name") or "CORE"
     out.append("## Summary\n\n" + md_table(["Metric", *TABLE_COLUMNS],
-                                          [[row, *cols.values()] for row, cols in table.items()]) + "\n")
+                                          [[core_name if row == "CORE" else row, *cols.values()]
+                                           for row, cols in table.items()]) + "\n")
 
     # Every stage: wall time and metrics
     total_s = sum(m["timings"]["seconds"] for _, m in stages)

@@ -149,6 +149,44 @@ def test_engine_follows_weight_updates(tok):
     assert after != before
 
 
+def test_cpu_engine_is_fp32_and_shares_the_model_weights(tok, model):
+    """On CPU the engine computes in fp32, as the model does: an fp32 KV cache, and no copies of
+    single weights (the stacked q/k/v matrix is its only one)."""
+    engine = Engine(model, tok, max_batch=2)
+    engine.generate_batch(prompts(tok)[0], max_tokens=3, temperature=0)
+    assert engine.dtype == engine.cache.kv.dtype == torch.float32
+    fc = model.transformer.h[0].mlp.c_fc.weight
+    assert engine._weight(("fc", 0), fc) is fc
+
+
+def argmax_gaps(model, requests, dtype) -> list[float]:
+    """Per generated token: how far below the model's own top logit the engine's choice is, by
+    model.forward under autocast to `dtype` over the same sequence (0: the model's argmax)."""
+    gaps = []
+    for request in requests:
+        for tokens in request.tokens:
+            with torch.inference_mode(), torch.autocast("cpu", dtype=dtype):
+                logits = model(torch.tensor([request.prompt + tokens]))[0].float()
+            for i, t in enumerate(tokens):
+                row = logits[len(request.prompt) - 1 + i]
+                gaps.append(float(row.max() - row[t]))
+    return gaps
+
+
+def test_bf16_engine_decodes_what_the_model_computes_under_autocast(tok, model):
+    """The CUDA recipe (bf16 compute, KV cache and weight copies), run on CPU: rows at different
+    positions, samples copied from one prefill, rows leaving. Every greedy token is the model's
+    argmax under the same autocast, up to bf16 rounding. The caller sets no autocast: the engine
+    does, as it must for the server, which steps it in a thread of its own."""
+    engine = Engine(model, tok, max_batch=8, dtype=torch.bfloat16)
+    assert engine.cache.kv.dtype == torch.bfloat16
+    requests = engine.generate_many(prompts(tok), max_tokens=30, temperature=0, num_samples=2)
+    gaps = argmax_gaps(model, requests, torch.bfloat16)
+    assert len(gaps) == sum(len(t) for r in requests for t in r.tokens) > 100
+    assert max(gaps) <= 0.1  # bf16 logits near 8 are 1/32 apart; a wrong position or weight is off by units
+    assert {w.dtype for _, _, w in engine._weights.values()} == {torch.bfloat16}
+
+
 def test_top_k_and_top_p_filtering():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
     assert (sampling_probs(logits, 1.0, top_k=2)[0, 2:] == 0).all()

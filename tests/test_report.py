@@ -88,6 +88,13 @@ def test_full_report_has_every_section_plots_and_cost(store, pipeline):
     assert build_report(store, pipeline, gpu_hour_usd=2.0).data["cost_usd"] == pytest.approx(16 * total / 3600, abs=0.01)
     assert json.loads(json.dumps(rep.data))["table"]["CORE"]["BASE"] == 0.2219
 
+def test_summary_names_which_core_was_scored(store):
+    """CORE on the offline substitute must not pass for nanochat's CORE in the summary table."""
+    for name in ("CORE", "CORE (20/22 tasks, offline substitute)"):
+        m = {"base_eval": commit(store, "base_eval", {"core": 0.1234, "core_name": name})}
+        assert f"| {name} | 0.1234 | - | - | - |" in build_report(store, m, git={}).markdown
+
+
 
 def test_partial_pipeline_shows_dashes(store, pipeline):
     rep = build_report(store, {"tokenizer": pipeline["tokenizer"]})

@@ -398,7 +398,8 @@ def evaluate_core(logits_fn: Callable, tokenizer, tasks: Sequence[CoreTask], max
     batch_size: most sequences per forward pass; an item's options always share one pass.
     log: receives progress and result lines (rank 0 only); None = silent.
 
-    Returns {"core": mean centered score, "core_name": e.g. "CORE" or "CORE (20/22 tasks, offline)",
+    Returns {"core": mean centered score, "core_name": "CORE" (the published bundle's 22 tasks: comparable
+    with nanochat's) or e.g. "CORE (20/22 tasks, offline substitute)",
     "tasks": {label: {"accuracy", "centered", "n", "random_baseline", "seconds", "items_per_s"}},
     "missing_tasks": CORE labels not among `tasks`, "items_per_s": overall throughput}.
     Under torch.distributed, ranks split the items and every rank returns the same totals.
@@ -460,7 +461,7 @@ def evaluate_core(logits_fn: Callable, tokenizer, tasks: Sequence[CoreTask], max
     offline = any(t.source == "offline" for t in tasks)
     present = len(CORE_LABELS) - len(missing)
     name = "CORE" if not missing and not offline else \
-        f"CORE ({present}/{len(CORE_LABELS)} tasks{', offline' if offline else ''})"
+        f"CORE ({present}/{len(CORE_LABELS)} tasks{', offline substitute' if offline else ''})"
     elapsed = time.time() - t_start
     say(f"{name}: {core:.4f}" + (f"  (missing: {', '.join(missing)})" if missing else ""))
     return {

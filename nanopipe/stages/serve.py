@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from nanopipe import loading
+from nanopipe.device import setup_device
 from nanopipe.engine import Engine
 from nanopipe.serve.app import create_app
 
@@ -59,7 +60,7 @@ def run(ctx: "StageContext") -> dict:
 
     cfg = ctx.config
     model_manifest = ctx.upstream["sft"]
-    model = loading.load_model(ctx.store, model_manifest, cfg.device)
+    model = loading.load_model(ctx.store, model_manifest, setup_device(cfg.device))  # CUDA: TF32; the engine: bf16
     tok = loading.load_tokenizer(ctx.store, ctx.upstream["tokenizer"])
     engine = Engine(model, tok, max_batch=cfg.concurrency)
     name = f"sft/{model_manifest['key'][:16]}"

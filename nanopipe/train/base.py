@@ -21,6 +21,7 @@ import torch
 from nanopipe import loading, sizing
 from nanopipe.data.loader import DataLoader, sample_chars_per_token, val_batches
 from nanopipe.eval.bpb import evaluate_bpb
+from nanopipe.device import compile_enabled, compute_dtype
 from nanopipe.model import GPT, GPTConfig
 from nanopipe.tokenizer import Tokenizer
 from nanopipe.train.common import (Dist, LoopSpec, init_distributed, loop_metrics, loss_curve, pick_device_batch,
@@ -87,7 +88,7 @@ def check_data(ctx: "StageContext", cfg, tok, files: list[str], steps: int) -> d
 def train(ctx: "StageContext") -> dict:
     cfg = ctx.config
     d = init_distributed(cfg.device, cfg.threads, cfg.seed)
-    log, cuda = ctx.log, d.device.type == "cuda"
+    log = ctx.log
 
     tok = load_tokenizer(ctx)
     train_files = data_files(ctx, "train")
@@ -100,10 +101,11 @@ def train(ctx: "StageContext") -> dict:
         f"({data['chars_per_token']:.2f} chars/token measured): {data['data_passes']:.3f} passes"
         f"{' (repeat allowed)' if data['data_passes'] > 1 else ''}")
 
-    use_compile = cfg.compile if cfg.compile is not None else cuda
+    use_compile = compile_enabled(cfg.compile, d.device)
     B = pick_device_batch(d, "base_train", cfg.device_batch_size,
                           sizing.divisors(cfg.total_batch_size // (cfg.sequence_len * d.world_size) or 1),
-                          lambda b: sizing.train_memory(mcfg, b, cfg.sequence_len, 2 if cuda else 4, use_compile)["total"],
+                          lambda b: sizing.train_memory(mcfg, b, cfg.sequence_len, compute_dtype(d.device).itemsize,
+                                                        use_compile)["total"],
                           log)
     grad_accum = sizing.token_grad_accum("base_train", cfg.total_batch_size, B, cfg.sequence_len, d.world_size,
                                          "sequence_len")

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from nanopipe import sizing
 from nanopipe.chat import render_conversation
+from nanopipe.device import compile_enabled, compute_dtype
 from nanopipe.tasks import Mixture, make_task
 from nanopipe.train.common import (LoopSpec, init_distributed, loop_metrics, loss_curve, pick_device_batch, save_model,
                                    supervised_step, train_loop, warm_start)
@@ -133,7 +134,7 @@ def chat_batch(d, stage: str, cfg, mcfg, T: int, compiled: bool, log) -> tuple[i
     step is total_batch_size tokens (rows of T), sft's is target_examples_per_step conversations;
     either is split over device batch x ranks, which must divide it (an "auto" device batch does)."""
     per_rank = cfg.total_batch_size // (T * d.world_size) if stage == "mid_train" else cfg.target_examples_per_step // d.world_size
-    need = lambda b: sizing.train_memory(mcfg, b, T, 2 if d.device.type == "cuda" else 4, compiled)["total"]
+    need = lambda b: sizing.train_memory(mcfg, b, T, compute_dtype(d.device).itemsize, compiled)["total"]
     B = pick_device_batch(d, stage, cfg.device_batch_size, sizing.divisors(max(per_rank, 1)), need, log)
     if stage == "mid_train":
         return B, sizing.token_grad_accum(stage, cfg.total_batch_size, B, T, d.world_size, "max_seq_len")
@@ -144,10 +145,10 @@ def train(ctx: "StageContext") -> dict:
     """Warm-start from the upstream stage's model and train on the configured mixture."""
     cfg = ctx.config
     d = init_distributed(cfg.device, cfg.threads, cfg.seed)
-    log, cuda = ctx.log, d.device.type == "cuda"
+    log = ctx.log
     parent, tok, model, optimizers = warm_start(ctx, d)
     T = min(cfg.max_seq_len, model.config.sequence_len)
-    use_compile = cfg.compile if cfg.compile is not None else cuda
+    use_compile = compile_enabled(cfg.compile, d.device)
     fwd = torch.compile(model, dynamic=True) if use_compile else model
     B, grad_accum = chat_batch(d, ctx.stage, cfg, model.config, T, use_compile, log)
 

@@ -10,7 +10,6 @@ whose files do not match it, is never loaded.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -27,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from nanopipe import loading, sizing
+from nanopipe.device import autocast_for, setup_device
 from nanopipe.faults import fault_point
 from nanopipe.store import IntegrityError, Store, writing
 
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from nanopipe.runner import StageContext
 
 COMPLETE = "COMPLETE"
-
 
 
 @dataclass
@@ -62,24 +61,15 @@ class Dist:
             dist.destroy_process_group()
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA; fp32 (no autocast) on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def init_distributed(device_pref: str = "auto", threads: int | None = None, seed: int | None = None) -> Dist:
-    """Join the torchrun process group if there is one; pick CUDA when present, else CPU (gloo)."""
+    """Join the torchrun process group if there is one (nccl on CUDA, gloo on CPU); the device is
+    nanopipe.device's choice: CUDA when present, else CPU."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
-    use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was requested but no CUDA device is available")
-    if use_cuda:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+    device = setup_device(device_pref, local_rank)  # on CUDA: GPU local_rank, TF32 matmuls
+    use_cuda = device.type == "cuda"
+    if not use_cuda:
         # Share the cores among ranks, never more threads than cores: an oversubscribed OpenMP
         # pool spin-waits (5-20x slower steps on 2 cores). The loader's tokenizer threads need
         # little: one rank on 2 cores takes 1.8x the tokens/s with 2 threads as with 1.
