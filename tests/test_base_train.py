@@ -163,7 +163,7 @@ def test_corrupt_checkpoint_is_reported_not_loaded(store):
 
 CHAT = ["mid_train.max_seq_len=64", "mid_train.device_batch_size=4", "mid_train.num_iterations=20",
         "mid_train.eval_every=0", "mid_train.threads=1", "sft.max_seq_len=64", "sft.device_batch_size=4",
-        "sft.grad_accum=2", "sft.num_iterations=20", "sft.eval_every=20", "sft.eval_batches=6", "sft.threads=1",
+        "sft.target_examples_per_step=8", "sft.num_iterations=20", "sft.eval_every=20", "sft.eval_batches=6", "sft.threads=1",
         "sft.init_lr_frac=0.5", 'mid_train.val_mixture=[{"task": "identity", "args": {"size": 20, "split": "test"}}]',
         'sft.val_mixture=[{"task": "identity", "args": {"size": 24, "split": "test"}}]']
 

@@ -16,9 +16,9 @@ def test_d20_is_the_seed_recipe():
 
 
 def test_dotted_overrides_parse_json_values():
-    cfg = load_config("tiny", ["base_train.depth=6", "data.num_shards=4", "tokenizer.source.kind=local",
+    cfg = load_config("tiny", ["base_train.depth=6", "data.docs_per_shard=4", "tokenizer.source.kind=local",
                                'tokenizer.source.paths=["a.txt"]', "base_train.compile=true"])
-    assert cfg.base_train.depth == 6 and cfg.data.num_shards == 4
+    assert cfg.base_train.depth == 6 and cfg.data.docs_per_shard == 4
     assert cfg.tokenizer.source.paths == ["a.txt"] and cfg.base_train.compile is True
 
 
@@ -29,7 +29,7 @@ def test_dotted_overrides_parse_json_values():
     ("nosection.x=1", "no field 'nosection'"),
     ("depth=3", "section.field"),
     ("base_train.depth", "section.field=value"),
-    ("data.num_shards.x=1", "is a value, not a section"),
+    ("data.docs_per_shard.x=1", "is a value, not a section"),
     ("tokenizer.vocab_size=100", "tokenizer.vocab_size"),
 ])
 def test_bad_values_name_the_field(override, needle):
