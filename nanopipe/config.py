@@ -35,6 +35,11 @@ def _device_batch(value):
 DeviceBatch = Annotated[int | Literal["auto"], PlainValidator(_device_batch)]
 
 
+# Muon's Newton-Schulz dtype (nanopipe.optim): auto = bf16 where the hardware computes it natively
+# (CUDA, CPUs with AVX512-BF16/AMX), else float32; the choice is in the manifest as muon_ns_dtype.
+MuonNsDtype = Literal["auto", "bfloat16", "float32"]
+
+
 class LaunchSection(Section):
     """Where a torchrun stage runs: processes per node, nodes, device."""
     nproc_per_node: int = Field(1, ge=1)
@@ -91,6 +96,7 @@ class BaseTrainConfig(LaunchSection):
     unembedding_lr: float = Field(0.004, gt=0)
     matrix_lr: float = Field(0.02, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    muon_ns_dtype: MuonNsDtype = "auto"
     grad_clip: float = Field(1.0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, le=1)
     warmdown_ratio: float = Field(0.2, ge=0, le=1)
@@ -171,6 +177,7 @@ class ChatTrainConfig(LaunchSection):
     matrix_lr: float = Field(0.02, gt=0)
     init_lr_frac: float = Field(1.0, gt=0, le=1)  # scale of the base LRs when warm-starting
     weight_decay: float = Field(0.0, ge=0)
+    muon_ns_dtype: MuonNsDtype = "auto"
     grad_clip: float = Field(1.0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, le=1)
     warmdown_ratio: float = Field(0.2, ge=0, le=1)
@@ -237,6 +244,7 @@ class RLConfig(LaunchSection):
     matrix_lr: float = Field(0.02, gt=0)
     init_lr_frac: float = Field(0.05, gt=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
+    muon_ns_dtype: MuonNsDtype = "auto"
     grad_clip: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, le=1)
     warmdown_ratio: float = Field(1.0, ge=0, le=1)  # linear decay to zero over the run

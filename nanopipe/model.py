@@ -218,10 +218,12 @@ class GPT(nn.Module):
         return 6 * self.num_params(non_embedding=True) + attention
 
     def setup_optimizers(self, unembedding_lr: float = 0.004, embedding_lr: float = 0.2,
-                         matrix_lr: float = 0.02, weight_decay: float = 0.0, distributed: bool | None = None):
+                         matrix_lr: float = 0.02, weight_decay: float = 0.0, distributed: bool | None = None,
+                         ns_dtype: torch.dtype | str = "auto"):
         from nanopipe.optim import setup_optimizers
         return setup_optimizers(self, unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
-                                matrix_lr=matrix_lr, weight_decay=weight_decay, distributed=distributed)
+                                matrix_lr=matrix_lr, weight_decay=weight_decay, distributed=distributed,
+                                ns_dtype=ns_dtype)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 loss_reduction: str = "mean", kv_cache=None) -> torch.Tensor:

@@ -4,10 +4,12 @@ and lm_head (nanochat's split), and their distributed variants.
 
 Muon (https://kellerjordan.github.io/posts/muon/) runs SGD with Nesterov
 momentum and replaces each matrix's update by an approximately orthogonal one,
-computed with a quintic Newton-Schulz iteration (modded-nanogpt's coefficients)
-in bf16: that is stable, and 2-3x faster than fp32 on GPUs and on CPUs with
-AVX512-BF16 alike. Matrices of one shape are stacked, so each group needs a
-handful of batched matmuls rather than a loop of small ones.
+computed with a quintic Newton-Schulz iteration (modded-nanogpt's coefficients).
+bf16 is stable there, and 2-3x faster than fp32 on GPUs and on CPUs with native
+bf16 (AVX512-BF16, AMX); on a CPU without (AVX2 only) it is emulated and 10-20x
+slower than fp32, so the dtype is picked per device (fast_ns_dtype).
+Matrices of one shape are stacked, so each group needs a handful of batched
+matmuls rather than a loop of small ones.
 
 Distributed training (torchrun; gloo on CPU, nccl on GPU): the model is NOT
 wrapped in DDP. Every rank runs forward/backward on its own micro-batches, then
@@ -21,10 +23,16 @@ the whole checkpoint, and a run can resume under any world size. The price over
 nanochat's sharded state is one all-reduce instead of a reduce-scatter per step.
 """
 
+import functools
+import platform
+import time
+
 import torch
 import torch.distributed as dist
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
+NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+CPU_NATIVE_BF16 = ("avx512_bf16", "amx_bf16")  # x86 feature flags of bf16 matmul hardware
 
 
 def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -46,16 +54,63 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dt
     return (X.mT if transposed else X).reshape(G.shape)
 
 
+def cpu_flags() -> set[str] | None:
+    """The x86 CPU's feature flags (Linux /proc/cpuinfo); None elsewhere or when unreadable."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686"):
+        return None
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), None)
+    except OSError:
+        return None
+    return set(line.split(":", 1)[1].split()) if line else None
+
+
+def _ns_seconds(dtype: torch.dtype, shape=(4, 128, 512), reps: int = 2) -> float:
+    G = torch.randn(shape)
+    zeropower_via_newtonschulz5(G, dtype=dtype)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        zeropower_via_newtonschulz5(G, dtype=dtype)
+    return (time.perf_counter() - t0) / reps
+
+
+@functools.cache
+def fast_ns_dtype(device_type: str) -> tuple[torch.dtype, str]:
+    """(dtype, why) for Newton-Schulz on a device type: bf16 where the hardware has it (CUDA, x86
+    CPUs with AVX512-BF16 or AMX), fp32 on other x86 CPUs; elsewhere (ARM, macOS) a one-time
+    micro-benchmark decides. Cached per process."""
+    if device_type == "cuda":
+        return torch.bfloat16, "CUDA"
+    if device_type != "cpu":
+        return torch.float32, f"{device_type}: bf16 matmul speed unknown"
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = cpu_flags()
+    if flags is not None:
+        native = [f for f in CPU_NATIVE_BF16 if f in flags]
+        if native:
+            return torch.bfloat16, f"CPU with {', '.join(native)} ({capability})"
+        return torch.float32, f"CPU without native bf16 ({capability}; no {'/'.join(CPU_NATIVE_BF16)})"
+    t16, t32 = _ns_seconds(torch.bfloat16), _ns_seconds(torch.float32)
+    dtype = torch.bfloat16 if t16 < t32 else torch.float32
+    return dtype, f"CPU ({capability}) measured: bf16 {t16 * 1e3:.0f} ms, fp32 {t32 * 1e3:.0f} ms"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-Schulz, for 2-D weight matrices only (not
     embeddings, lm_head, or 0/1-D parameters). Parameters are grouped by shape;
     each group's learning rate is scaled by sqrt(max(1, rows/cols)).
-    ns_dtype: bf16 (nanochat's choice, fast); float32 makes runs comparable
-    bit for bit up to fp32 rounding, since bf16 rounding noise is amplified in
-    the directions where a gradient is (near) rank-deficient."""
+    ns_dtype: "auto" (fast_ns_dtype of the parameters' device: bf16, nanochat's
+    choice, where the hardware has it), "bfloat16", "float32" or a torch dtype.
+    float32 makes runs comparable up to fp32 rounding, since bf16 rounding noise
+    is amplified in the directions where a gradient is (near) rank-deficient."""
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
-                 ns_dtype: torch.dtype = torch.bfloat16):
+                 ns_dtype: torch.dtype | str = "auto"):
         params = list(params)
         if not params:
             raise ValueError("Muon got an empty parameter list")
@@ -68,7 +123,21 @@ class Muon(torch.optim.Optimizer):
         shapes = sorted({tuple(p.shape) for p in params})
         groups = [dict(params=[p for p in params if tuple(p.shape) == s]) for s in shapes]
         super().__init__(groups, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
-        self.ns_dtype = ns_dtype
+        if ns_dtype == "auto":
+            self.ns_dtype, self.ns_dtype_reason = fast_ns_dtype(params[0].device.type)
+        elif isinstance(ns_dtype, torch.dtype) or ns_dtype in NS_DTYPES:
+            self.ns_dtype, self.ns_dtype_reason = NS_DTYPES.get(ns_dtype, ns_dtype), "configured"
+        else:
+            raise ValueError(f"Muon: ns_dtype must be 'auto', {', '.join(map(repr, NS_DTYPES))} or a torch dtype, "
+                             f"got {ns_dtype!r}")
+
+    @property
+    def ns_dtype_name(self) -> str:
+        return dtype_name(self.ns_dtype)
+
+    def describe(self) -> str:
+        """One log line: the Newton-Schulz dtype and why."""
+        return f"Muon Newton-Schulz in {self.ns_dtype_name}: {self.ns_dtype_reason}"
 
     def _orthogonalize(self, update: torch.Tensor, steps: int) -> torch.Tensor:
         return zeropower_via_newtonschulz5(update, steps, self.ns_dtype)
@@ -115,6 +184,11 @@ class DistMuon(Muon):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("DistMuon needs torch.distributed to be initialised (torchrun)")
         super().__init__(params, **kwargs)
+        # Every rank computes in rank 0's dtype: the gathered slices must match, and the
+        # replicated state stays identical (a micro-benchmark may decide differently per rank).
+        choice = [(self.ns_dtype, self.ns_dtype_reason)]
+        dist.broadcast_object_list(choice, src=0)
+        self.ns_dtype, self.ns_dtype_reason = choice[0]
 
     def _orthogonalize(self, update, steps):
         world, rank = dist.get_world_size(), dist.get_rank()
@@ -124,6 +198,7 @@ class DistMuon(Muon):
             pad = update.new_zeros((per_rank * world - n, *update.shape[1:]))
             update = torch.cat([update, pad])
         mine = zeropower_via_newtonschulz5(update[rank * per_rank:(rank + 1) * per_rank], steps, self.ns_dtype)
+        mine = mine.contiguous()  # a tall matrix's result is a transposed view; NCCL gathers contiguous tensors only
         out = mine.new_empty((per_rank * world, *mine.shape[1:]))
         dist.all_gather_single(out, mine)
         return out[:n]
@@ -166,7 +241,8 @@ def _is_distributed() -> bool:
 
 
 def setup_optimizers(model, unembedding_lr: float = 0.004, embedding_lr: float = 0.2, matrix_lr: float = 0.02,
-                     weight_decay: float = 0.0, distributed: bool | None = None) -> list[torch.optim.Optimizer]:
+                     weight_decay: float = 0.0, distributed: bool | None = None,
+                     ns_dtype: torch.dtype | str = "auto") -> list[torch.optim.Optimizer]:
     """[AdamW for lm_head and embedding, Muon for the blocks' matrices], with
     nanochat's learning rates. AdamW learning rates scale as 1/sqrt(n_embd/768)
     (they were tuned at width 768). Each group stores `initial_lr`, so a schedule
@@ -190,7 +266,7 @@ def setup_optimizers(model, unembedding_lr: float = 0.004, embedding_lr: float =
     adam_cls = DistAdamW if distributed else torch.optim.AdamW
     # fused AdamW: one kernel for all tensors, on CPU and CUDA alike
     adamw = adam_cls(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay, fused=True)
-    muon = (DistMuon if distributed else Muon)(matrix_params, lr=matrix_lr, momentum=0.95)
+    muon = (DistMuon if distributed else Muon)(matrix_params, lr=matrix_lr, momentum=0.95, ns_dtype=ns_dtype)
     optimizers = [adamw, muon]
     for opt in optimizers:
         for group in opt.param_groups:

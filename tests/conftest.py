@@ -8,6 +8,8 @@ import socket
 
 import pytest
 
+from nanopipe.distcheck import STRICT_ENV
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect" / "tests"))
 os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)
@@ -15,6 +17,9 @@ os.environ["DO_NOT_TRACK"] = "1"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ["NANOPIPE_RETRIES"] = "0"  # tests inject failures; retrying them would only slow the suite
+# Multi-rank tests run on gloo; their children (torchrun, mp.spawn) inherit this and check every
+# collective as NCCL would (nanopipe/distcheck.py).
+os.environ[STRICT_ENV] = "1"
 
 # Small but real: the offline sample text, a 512-token vocab, shards of 256 documents.
 SMALL = ["tokenizer.vocab_size=512", "tokenizer.max_chars=400000", "tokenizer.heldout_docs=20",

@@ -14,6 +14,7 @@ from conftest import TRAIN as SHORT_TRAIN
 from nanopipe.cli import config_status
 from nanopipe.config import load_config
 from nanopipe.codeid import stage_code
+from nanopipe.optim import dtype_name, fast_ns_dtype
 from nanopipe.runner import compute_key, run_pipeline
 from nanopipe.store import Store
 
@@ -70,10 +71,13 @@ def test_loss_falls_and_manifest_is_complete(store, edited_source):
     assert not store.fs.exists(store.work_dir("base_train", key))  # resume state is gone after commit
     # the torchrun child records the code the parent computed the key from; status names what changed since
     assert {k: m[k] for k in ("code_version", "code")} == stage_code("base_train")
-    edited_source("nanopipe.train.common", lambda t: t.replace('"A10": 125e12', '"A10": 126e12'))
+    edited_source("nanopipe.train.common", lambda t: t + "\nEDITED_CONSTANT = 1\n")
     row = {r["stage"]: r for r in config_status(store, load_config("tiny", UPSTREAM + TRAIN))}["base_train"]
     assert not row["built"] and row["why"]["state"] == "stale" and row["why"]["closest"]["key"] == key
     assert row["why"]["reasons"] == ["code: nanopipe.train.common changed"]
+    dtype, why = fast_ns_dtype("cpu")  # what muon_ns_dtype=auto picks on this machine
+    assert m["metrics"]["muon_ns_dtype"] == dtype_name(dtype)
+    assert f"[base_train] Muon Newton-Schulz in {dtype_name(dtype)}: {why}" in p.stdout + p.stderr
 
 
 def test_sigkill_then_rerun_is_bitwise_identical_and_upstream_cached(store, upstream_store, tmp_path, prefect_server):

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
+from nanopipe import distcheck
 from nanopipe.config import load_config
 from nanopipe.data.offline_packages import PypiFile, sha256_file
 from nanopipe.eval import core_data
@@ -300,6 +301,7 @@ def _bpb_batches(rank, world):
 
 def _distributed_worker(rank, world, init_file, out_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    distcheck.install_if_requested()
     try:
         res = evaluate_core(Bigram(), TOK, fixture_tasks(DIST_TASKS), BIG, "cpu", batch_size=3, log=None)
         bpb = evaluate_bpb(Bigram(), _bpb_batches(rank, world), TOK.token_bytes())

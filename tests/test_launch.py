@@ -7,7 +7,11 @@ import time
 
 import pytest
 
-from nanopipe.launch import MALLOC_ENV, LaunchError, LaunchTimeout, run_streaming, torchrun_command, training_env
+from nanopipe import runner
+from nanopipe.config import load_config
+from nanopipe.launch import (MALLOC_ENV, TRAINING_ENV, LaunchError, LaunchTimeout, run_streaming, torchrun_command,
+                             training_env)
+from nanopipe.store import Store
 
 
 def python(code: str) -> list[str]:
@@ -147,20 +151,22 @@ def test_real_torchrun_two_ranks(tmp_path):
         import sys
         import torch
         import torch.distributed as dist
+        from nanopipe import distcheck
         dist.init_process_group("gloo")
+        distcheck.install_if_requested()  # the suite's environment asks for strict collectives
         rank, world = dist.get_rank(), dist.get_world_size()
         t = torch.tensor([rank + 1.0])
         dist.all_reduce(t)
         # one write per line: torchrun runs workers with -u, and print() issues text and "\\n"
         # as separate writes, so lines of two ranks could interleave
-        sys.stdout.write(f"rank {rank} of {world} sum {t.item():g} args {sys.argv[1:]}\\n")
+        sys.stdout.write(f"rank {rank} of {world} sum {t.item():g} args {sys.argv[1:]} strict {distcheck.installed()}\\n")
         dist.destroy_process_group()
     """))
     got = []
     run_streaming(torchrun_command("allreduce_probe", ["--x", "1"], nproc_per_node=2), tmp_path / "run.log",
                   on_line=got.append, timeout=60, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     for rank in range(2):
-        assert f"rank {rank} of 2 sum 3 args ['--x', '1']" in got
+        assert f"rank {rank} of 2 sum 3 args ['--x', '1'] strict True" in got
 
 
 # Allocate, touch and free 64 MiB; report how much of it the process still holds (MiB).
@@ -175,11 +181,29 @@ print("kept", rss() - before)
 
 
 def test_training_env_keeps_what_the_user_set(monkeypatch):
-    for k in MALLOC_ENV:
+    for k in TRAINING_ENV:
         monkeypatch.delenv(k, raising=False)
-    assert training_env() == MALLOC_ENV
+    assert training_env() == {**MALLOC_ENV, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
     monkeypatch.setenv("MALLOC_MMAP_MAX_", "7")
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
     assert training_env() == {"MALLOC_TRIM_THRESHOLD_": MALLOC_ENV["MALLOC_TRIM_THRESHOLD_"]}
+
+
+def test_torchrun_stages_launch_with_the_training_env(tmp_path, monkeypatch):
+    """Every torchrun stage starts with training_env(): the CUDA allocator setting included (torch reads
+    it when CUDA starts), or the value the user exported."""
+    envs = []
+    monkeypatch.setattr(runner, "run_streaming", lambda cmd, log_path, on_line, env: envs.append(env))
+    for user_value in (None, "max_split_size_mb:512"):
+        if user_value:
+            monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", user_value)
+        else:
+            monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+        with pytest.raises(runner.StageError, match="committed no manifest"):  # nothing ran
+            runner.launch_child(Store(str(tmp_path / "store")), load_config("tiny"), "base_train", "0" * 64, {},
+                                log=lambda line: None)
+    assert envs[0]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in envs[1]  # the child inherits the user's value
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="MALLOC_ENV tunes glibc's malloc")

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from nanopipe import distcheck, optim
 from nanopipe.model import GPT, GPTConfig
 from nanopipe.optim import DistAdamW, DistMuon, Muon, setup_optimizers, zeropower_via_newtonschulz5
 
@@ -83,6 +84,47 @@ def test_muon_two_steps_follow_nesterov_momentum():
     expected = start - 0.05 * ns(0.1 * g1 + 0.9 * buf1) - 0.05 * ns(0.1 * g2 + 0.9 * buf2)
     torch.testing.assert_close(w.detach(), expected)
     torch.testing.assert_close(opt.state[w]["momentum_buffer"], buf2)
+
+
+@pytest.fixture
+def pick(monkeypatch):
+    """fast_ns_dtype with the CPU's flags (None: unreadable) and micro-benchmark times given."""
+    def run(device_type, flags=None, seconds=None):
+        optim.fast_ns_dtype.cache_clear()
+        monkeypatch.setattr(optim, "cpu_flags", lambda: flags)
+        monkeypatch.setattr(optim, "_ns_seconds", lambda dtype: seconds[dtype])
+        return optim.fast_ns_dtype(device_type)
+    yield run
+    optim.fast_ns_dtype.cache_clear()
+
+
+def test_newton_schulz_dtype_follows_the_hardware(pick):
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert pick("cuda", flags={"avx2"}) == (bf16, "CUDA")
+    for flags in ({"avx2", "fma"}, {"avx2", "avx512f"}):  # AVX-512 alone emulates bf16 too
+        dtype, why = pick("cpu", flags=flags)
+        assert dtype == fp32 and "without native bf16" in why
+    assert pick("cpu", flags={"avx512f", "avx512_bf16"})[0] == bf16
+    dtype, why = pick("cpu", flags={"amx_bf16"})
+    assert dtype == bf16 and "amx_bf16" in why
+    # no flags to read (ARM, macOS): the faster of a timed run decides
+    assert pick("cpu", seconds={bf16: 0.2, fp32: 0.5})[0] == bf16
+    dtype, why = pick("cpu", seconds={bf16: 0.9, fp32: 0.05})
+    assert dtype == fp32 and "bf16 900 ms, fp32 50 ms" in why
+
+
+def test_muon_ns_dtype_auto_configured_or_refused(pick):
+    pick("cpu", flags={"avx2"})  # the cache now holds an AVX2 machine's answer
+    w = [torch.nn.Parameter(torch.zeros(8, 8))]
+    auto = Muon(w)
+    assert (auto.ns_dtype, auto.ns_dtype_name) == (torch.float32, "float32")
+    assert "without native bf16" in auto.ns_dtype_reason
+    assert Muon(w, ns_dtype="bfloat16").ns_dtype == torch.bfloat16
+    assert Muon(w, ns_dtype=torch.float32).ns_dtype_reason == "configured"
+    with pytest.raises(ValueError, match="ns_dtype must be 'auto', 'bfloat16', 'float32'"):
+        Muon(w, ns_dtype="fp8")
+    _, muon = setup_optimizers(make_model(), ns_dtype="bfloat16")
+    assert muon.ns_dtype == torch.bfloat16 and muon.ns_dtype_reason == "configured"
 
 
 def test_distributed_optimizers_need_a_process_group():
@@ -169,6 +211,7 @@ def _batches():
 def _ddp_worker(rank, world_size, port, out_path):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    distcheck.install_if_requested()
     try:
         model = make_model()
         optimizers = model.setup_optimizers()
@@ -212,3 +255,65 @@ def test_two_rank_gloo_matches_one_process(tmp_path):
         for i in sd0["state"]:
             for key, value in sd0["state"][i].items():
                 assert torch.equal(value, sd1["state"][i][key]), (i, key)
+
+
+# 3 tall matrices (rows > cols: like c_fc) for 2 ranks: slices of 2, one padded with a zero matrix
+TALL, WIDE = (3, 48, 16), (2, 16, 48)
+
+
+def _muon_params():
+    g = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(shape[1:], generator=g)) for shape in (TALL, WIDE) for _ in range(shape[0])]
+
+
+def _muon_grads(gen):
+    return [torch.randn(shape[1:], generator=gen) for shape in (TALL, WIDE) for _ in range(shape[0])]
+
+
+def _strict_worker(rank, port, out_path):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    distcheck.install()  # the suite's environment did already; this test must not depend on it
+    try:
+        with pytest.raises(distcheck.CollectiveError, match=r"dist.all_reduce: tensor on rank 0 .* not contiguous"):
+            dist.all_reduce(torch.ones(6, 4).mT if rank == 0 else torch.ones(4, 6))
+        with pytest.raises(distcheck.CollectiveError, match=r"rank 0: tensor float32\[2\]; rank 1: tensor float32\[3"):
+            dist.all_reduce(torch.ones(2 + rank))
+        with pytest.raises(distcheck.CollectiveError, match="different tensors"):
+            dist.broadcast(torch.ones(3, dtype=torch.float32 if rank else torch.bfloat16), src=0)
+        out = torch.empty(4, 3)
+        with pytest.raises(distcheck.CollectiveError, match=r"input_tensor on rank 1 .* not contiguous"):
+            dist.all_gather_single(out, torch.ones(3, 2).mT if rank == 1 else torch.ones(2, 3))
+        # the ranks stay in step after the errors: nothing reached gloo
+        t = torch.tensor([rank + 1.0])
+        dist.all_reduce(t)
+        dist.all_gather_single(out, torch.full((2, 3), float(rank)))
+        assert t.item() == 3 and out.tolist() == [[0.0] * 3] * 2 + [[1.0] * 3] * 2
+
+        # DistMuon: the Newton-Schulz result of a tall matrix is a transposed view, which NCCL refuses to gather
+        params = _muon_params()
+        opt = DistMuon(params, lr=0.05, ns_dtype=torch.float32)
+        gen = torch.Generator().manual_seed(10 + rank)  # each rank its own gradients
+        for _ in range(2):
+            for p, g in zip(params, _muon_grads(gen)):
+                p.grad = g
+            opt.step()
+        torch.save([p.detach() for p in params], f"{out_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_strict_collectives_raise_where_nccl_would_and_dist_muon_passes(tmp_path):
+    out = str(tmp_path / "muon")
+    mp.spawn(_strict_worker, args=(_free_port(), out), nprocs=2, join=True)
+    rank0, rank1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    params = _muon_params()
+    opt = Muon(params, lr=0.05, ns_dtype="float32")
+    gens = [torch.Generator().manual_seed(10 + r) for r in range(2)]
+    for _ in range(2):
+        for p, *g in zip(params, *map(_muon_grads, gens)):
+            p.grad = sum(g) / 2  # what the ranks' all-reduce averages
+        opt.step()
+    for a, b, p in zip(rank0, rank1, params):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, p.detach(), atol=1e-5, rtol=1e-5)

@@ -65,7 +65,7 @@ def test_edited_module_is_the_reason_for_exactly_its_importers_and_a_comment_cha
     rows, text = status(built, capsys)
     assert set(states(text).values()) == {"built"}
 
-    edited_source(EDITED, lambda t: t.replace('"A10": 125e12', '"A10": 126e12'))
+    edited_source(EDITED, lambda t: t + "\nEDITED_CONSTANT = 1\n")
     rows, text = status(built, capsys)
     assert {s for s, st in states(text).items() if st == "stale"} == IMPORTERS, text
     for s in IMPORTERS:
@@ -108,7 +108,7 @@ def test_changed_upstream_outputs_are_the_reason_and_never_built_says_so(tmp_pat
 
 
 def test_the_run_log_says_why_a_stage_runs(built, edited_source):
-    edited_source(EDITED, lambda t: t.replace('"A10": 125e12', '"A10": 126e12'))
+    edited_source(EDITED, lambda t: t + "\nEDITED_CONSTANT = 1\n")
     lines: list[str] = []
     run_pipeline(built, load_config("tiny"), ["tokenizer", "data", "base_train"], log=lines.append)
     assert f"[base_train] runs: code: {EDITED} changed" in lines

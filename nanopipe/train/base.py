@@ -114,12 +114,14 @@ def train(ctx: "StageContext") -> dict:
         model = GPT(mcfg)
     model.to_empty(device=d.device)
     model.init_weights(seed=cfg.seed)
-    optimizers = model.setup_optimizers(cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.weight_decay)
+    optimizers = model.setup_optimizers(cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.weight_decay,
+                                        ns_dtype=cfg.muon_ns_dtype)
     fwd = torch.compile(model, dynamic=False) if use_compile else model
     log(f"[base_train] model {mcfg} | {num_params:,} params | {flops_per_token:.3e} FLOPs/token")
     log(f"[base_train] {steps} steps x {cfg.total_batch_size:,} tokens = {steps * cfg.total_batch_size:,} tokens "
         f"({steps * cfg.total_batch_size / num_params:.1f} per param) | device batch {B} x grad accum {grad_accum} | "
         f"{d.world_size} rank(s) on {d.device}{' + compile' if use_compile else ''}")
+    log(f"[base_train] {optimizers[1].describe()}")
 
     spec = LoopSpec("base_train", steps, flops_per_token, cfg.grad_clip, cfg.warmup_ratio, cfg.warmdown_ratio,
                     cfg.final_lr_frac, cfg.eval_every, cfg.checkpoint_every, cfg.keep_checkpoints, "val_bpb")
@@ -133,7 +135,7 @@ def train(ctx: "StageContext") -> dict:
         state = train_loop(ctx, d, spec, model, optimizers, supervised_step(d, fwd, batches, grad_accum), evaluate,
                            log, data=batches)
     metrics = {**loop_metrics(spec, state, d), "params": num_params, "flops_per_token": flops_per_token,
-               "device_batch_size": B, "grad_accum": grad_accum, **data}
+               "device_batch_size": B, "grad_accum": grad_accum, "muon_ns_dtype": optimizers[1].ns_dtype_name, **data}
     if d.is_master:
         save_model(ctx.writer, model, depth=cfg.depth)
         ctx.writer.write_json("loss_curve.json", {"train": loss_curve(state), "val_bpb": state["val"]})

@@ -163,6 +163,7 @@ def train(ctx: "StageContext") -> dict:
     log(f"[{ctx.stage}] from {parent} {ctx.upstream[parent]['key'][:16]} | {len(train_set):,} conversations "
         f"({cfg.packing}) | {steps} steps x {rows_per_step} rows of <= {T} tokens (device batch {B} x grad accum "
         f"{grad_accum} x {d.world_size} rank(s)) | {len(val_set):,} held out")
+    log(f"[{ctx.stage}] {optimizers[1].describe()}")
 
     spec = LoopSpec(ctx.stage, steps, model.estimate_flops(), cfg.grad_clip, cfg.warmup_ratio, cfg.warmdown_ratio,
                     cfg.final_lr_frac, cfg.eval_every, cfg.checkpoint_every, cfg.keep_checkpoints, "val_loss")
@@ -176,6 +177,7 @@ def train(ctx: "StageContext") -> dict:
                        log, data=batches)
     metrics = {**loop_metrics(spec, state, d), "conversations": len(train_set), "device_batch_size": B,
                "grad_accum": grad_accum,
+               "muon_ns_dtype": optimizers[1].ns_dtype_name,
                "val_loss_start": state["val"][0][1] if state["val"] else None}
     if d.is_master:
         save_model(ctx.writer, model)

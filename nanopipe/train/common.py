@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nanopipe import loading, sizing
+from nanopipe import distcheck, loading, sizing
 from nanopipe.device import autocast_for, setup_device
 from nanopipe.faults import fault_point
 from nanopipe.store import IntegrityError, Store, writing
@@ -76,6 +76,7 @@ def init_distributed(device_pref: str = "auto", threads: int | None = None, seed
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        distcheck.install_if_requested()
     if seed is not None:
         torch.manual_seed(seed)
     return Dist(rank, local_rank, world, device)
@@ -434,7 +435,8 @@ def warm_start(ctx: "StageContext", d: Dist):
     parent = next(u for u in ctx.upstream if u in loading.MODEL_STAGES)
     tok = loading.load_tokenizer(ctx.store, ctx.upstream["tokenizer"])
     model = loading.load_model(ctx.store, ctx.upstream[parent], d.device).train()
-    optimizers = model.setup_optimizers(cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.weight_decay)
+    optimizers = model.setup_optimizers(cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.weight_decay,
+                                        ns_dtype=cfg.muon_ns_dtype)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] = group["lr"] * cfg.init_lr_frac

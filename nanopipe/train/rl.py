@@ -230,6 +230,7 @@ def train(ctx: "StageContext") -> dict:
     d = init_distributed(cfg.device, cfg.threads, cfg.seed)
     log = ctx.log if d.is_master else (lambda s: None)
     parent, tok, model, optimizers = warm_start(ctx, d)
+    log(f"[rl] {optimizers[1].describe()}")
     context = min(cfg.max_seq_len, model.rotary_seq_len)
     engine = Engine(model, tok, max_batch=cfg.engine_batch, max_seq_len=context)
 
@@ -296,7 +297,7 @@ def train(ctx: "StageContext") -> dict:
                         if "gsm8k" in r}
     metrics = {**loop_metrics(spec, state, d), **rl_metrics(state, evals, before_after, k)}
     metrics.update(train_examples=len(pool), train_dropped_as_held_out=len(train_set) - len(pool), eval_examples=n_eval,
-                   eval_task=cfg.eval_task.task)
+                   eval_task=cfg.eval_task.task, muon_ns_dtype=optimizers[1].ns_dtype_name)
     if d.is_master:
         w = ctx.writer
         save_model(w, model)
