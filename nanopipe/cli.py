@@ -197,8 +197,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(verify_main(args.store, args.stages, args.jobs))
         else:
             _other(args)
-    except (StoreError, LaunchError) as e:
-        # A store that cannot be written or read back, a failed training process: its message, no traceback.
+    except (StoreError, LaunchError, ConfigError) as e:
+        # A store that cannot be written or read back, a failed training process, a setting a stage found
+        # unusable once it saw its inputs (base_train: more steps than data): its message, no traceback.
         print(f"nanopipe: error: {e}", file=sys.stderr)
         sys.exit(1 if args.cmd in ("run", "stage") else 2)
 

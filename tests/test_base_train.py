@@ -78,6 +78,44 @@ def test_loss_falls_and_manifest_is_complete(store, edited_source):
     dtype, why = fast_ns_dtype("cpu")  # what muon_ns_dtype=auto picks on this machine
     assert m["metrics"]["muon_ns_dtype"] == dtype_name(dtype)
     assert f"[base_train] Muon Newton-Schulz in {dtype_name(dtype)}: {why}" in p.stdout + p.stderr
+    # the data it read, against what the data stage holds: a small fraction of one pass, in the metrics and the log
+    passes = m["metrics"]["data_passes"]
+    assert 0 < passes < 0.1 and passes == pytest.approx(12 * 512 / m["metrics"]["tokens_available"], rel=1e-3)
+    assert f"{passes:.3f} passes" in p.stdout + p.stderr
+    assert (m["metrics"]["device_batch_size"], m["metrics"]["grad_accum"]) == (4, 2)
+
+
+def test_a_horizon_that_would_repeat_data_fails_before_any_work(store):
+    p = cli(store.url, "base_train.num_iterations=5000")  # 2.56M tokens; the data stage holds ~0.5M
+    assert p.returncode != 0
+    [last] = p.stderr.strip().splitlines()  # one line, no traceback
+    assert "tokens short" in last and "base_train.allow_data_repeat=true" in last and "data.source" in last, last
+    assert not store.manifests("base_train")
+    key, _ = built(store, "base_train.num_iterations=5000")
+    # not a step taken, not a checkpoint written: the work dir holds only the parent's launch spec
+    assert store.fs.find(store.work_dir("base_train", key)) == [store.launch_spec_path("base_train", key)]
+
+
+def test_opting_in_to_repeat_data_is_recorded(store):
+    from types import SimpleNamespace
+
+    from nanopipe.runner import StageContext
+    from nanopipe.train.base import check_data, data_files, load_tokenizer
+
+    cfg = load_config("tiny", UPSTREAM + TRAIN + ["base_train.allow_data_repeat=true"])
+    ups = {s: store.manifests(s)[0] for s in ("tokenizer", "data")}
+    ctx = StageContext(store, "base_train", "k", cfg.base_train, ups, writer=None)
+    tok = load_tokenizer(ctx)
+    available = check_data(ctx, cfg.base_train, tok, data_files(ctx, "train"), 1)["tokens_available"]
+    steps = 3 * available // 512
+    data = check_data(ctx, cfg.base_train, tok, data_files(ctx, "train"), steps)
+    assert data["data_passes"] == pytest.approx(3, rel=1e-3)
+    strict = SimpleNamespace(**{**cfg.base_train.model_dump(), "allow_data_repeat": False})
+    with pytest.raises(ValueError, match=r"3\.00 times: .* tokens short"):
+        check_data(ctx, strict, tok, data_files(ctx, "train"), steps)
+    # the opt-in is part of base_train's config, so of its key and of the manifest it commits
+    assert cfg.section("base_train")["allow_data_repeat"] is True
+    assert compute_key(cfg, "base_train", ups) != compute_key(load_config("tiny", UPSTREAM + TRAIN), "base_train", ups)
 
 
 def test_sigkill_then_rerun_is_bitwise_identical_and_upstream_cached(store, upstream_store, tmp_path, prefect_server):
