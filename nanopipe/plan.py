@@ -27,11 +27,14 @@ PRICE_PER_GPU_HOUR = {"h100-pcie": 2.49, "h100-80gb": 3.00, "h200": 3.79, "b200"
                       "v100": 0.55}
 DEFAULT_GPU = "h100-80gb"
 DEFAULT_MFU = 0.40  # nanochat's classic d20 run reaches about 48% on H100s
-# The data stage's rate on parquet input (FineWeb-like), measured on this project's shared 2-core test
-# machine (README "Data sizing"); its per-document loop runs in one Python thread, so more cores do not raise it.
-DATA_STAGE_CHARS_PER_S = 25e6
+# The data stage's rate on parquet input (FineWeb-like) when all its work shares one core: the CPU
+# rate bench/data_stage.py measures (61-92M chars per CPU-second on the 2-core test machine), the
+# lower end; a node with spare cores runs the shard writers beside the loop, faster (README "Data sizing").
+DATA_STAGE_CHARS_PER_S = 60e6
 SHARD_BYTES_PER_CHAR = 0.40  # zstd parquet (nanochat: ~100 MB per 250M-char FineWeb-EDU file)
 CHAT_STAGES = ("mid_train", "sft")
+AUTO_STAGES = ("base_train", "base_eval", "mid_train", "sft")  # whose device_batch_size may be "auto"
+AUTO_LESS = {"rl": "rl.device_batch_size or rl.engine_batch", "chat_eval": "chat_eval.batch_size"}  # the others: what sets their memory
 
 
 def gpu_hour_usd(device_name: str) -> float | None:
@@ -303,7 +306,7 @@ def render(p: dict) -> str:
         lines += ["", f"data: {d['source']}: {files}{d['chars'] / 1e9:,.2f}B chars; train tokens ~{_int(d['train_tokens'])} "
                       f"at ~{d['chars_per_token']} chars/token (base_train measures it and refuses to repeat data); "
                       f"shards {_gb(d['shard_bytes'])}; data stage ~{_hours(d['seconds'])} at "
-                      f"{DATA_STAGE_CHARS_PER_S / 1e6:.0f}M chars/s (one core)"
+                      f"{DATA_STAGE_CHARS_PER_S / 1e6:.0f}M chars/s (all on one core)"
                       + (f"; download {_gb(d['download_bytes'])}" if d["download_bytes"] else "")]
     st = p["store"]
     models = ", ".join(f"{k} {_gb(v)}" for k, v in st["models"].items())
@@ -314,6 +317,13 @@ def render(p: dict) -> str:
     cost = "" if t["cost_usd"] is None else f", ${t['cost_usd']:,.0f}"
     lines.append(f"total: ~{_hours(t['seconds'])}, {t['gpu_hours']:.1f} GPU-hours{cost} (data stage and timed stages"
                  + (f"; not timed: {', '.join(t['not_timed'])}" if t["not_timed"] else "") + ")")
+    too_big = [n for n, s in p["stages"].items() if not s["fits"]]
+    if too_big:
+        auto = [n for n in too_big if n in AUTO_STAGES and not p["stages"][n]["auto"]]
+        lines.append(f"does not fit a {p['gpu']}: {', '.join(too_big)}"
+                     + (f"; let it pick: {' '.join(f'--set {n}.device_batch_size=auto' for n in auto)}" if auto else "")
+                     + (f"; lower {', '.join(AUTO_LESS[n] for n in too_big if n in AUTO_LESS)}"
+                        if any(n in AUTO_LESS for n in too_big) else ""))
     if any(s["steps"] is None for n, s in p["stages"].items() if n in CHAT_STAGES):
         lines.append("mid_train/sft train one epoch of their mixtures, whose size is known once built: "
                      "pass --mid-tokens / --sft-conversations to time them")
