@@ -76,8 +76,8 @@ class DataConfig(Section):
     def _whole_documents(self):
         if self.source.doc_chars is not None and self.source.kind != "sample":
             raise ValueError(f"source.doc_chars ({self.source.doc_chars}) would truncate {self.source.kind} "
-                             "pretraining documents (nanochat never does); leave it unset: tokenizer.doc_chars "
-                             "caps the tokenizer's training text")
+                             "pretraining documents (nanochat never does): set data.source.doc_chars=null "
+                             "(tokenizer.doc_chars caps the tokenizer's training text)")
         return self
 
 

@@ -43,6 +43,14 @@ def test_unknown_preset():
 
 
 def test_overrides_touch_only_their_section_and_not_the_presets():
-    cfg = load_config("tiny", ["data.source.kind=local", 'data.source.paths=["x.txt"]'])
+    cfg = load_config("tiny", ["data.source.kind=local", 'data.source.paths=["x.txt"]', "data.source.doc_chars=null"])
     assert cfg.data.source.kind == "local" and cfg.tokenizer.source.kind == "sample"
     assert load_config("tiny").data.source.kind == "sample"
+
+
+def test_pretraining_documents_are_never_truncated():
+    # the sample's doc_chars splits its long works into pieces (nothing is lost); any other source's would cut
+    with pytest.raises(ConfigError, match=r"would truncate local pretraining documents .* data.source.doc_chars=null"):
+        load_config("tiny", ["data.source.kind=local", 'data.source.paths=["x.txt"]'])
+    for preset in ("d20", "d26", "d32"):
+        assert load_config(preset).data.source.doc_chars is None
