@@ -7,6 +7,7 @@ Bad values fail here, before any work, with an error naming the field.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from typing import Annotated, Any, Literal
 
@@ -280,6 +281,23 @@ class ReportConfig(Section):
     gpu_hour_usd: float | None = Field(None, ge=0)  # per GPU; None = a rough price by GPU model
 
 
+class TrackingConfig(Section):
+    """Where training stages also send their metrics while they run: Weights & Biases (off by default;
+    `pip install 'nanopipe[wandb]'`). Not a stage's section, so it changes no stage key: watching a
+    run does not change what it computes. The runner hands it to the child in the launch spec."""
+    wandb_project: str | None = None  # set: rank 0 of every training stage logs a run to this project
+    wandb_entity: str | None = None  # team or user; None: the account's default
+    wandb_mode: Literal["online", "offline"] | None = None  # None: wandb's default ($WANDB_MODE, else online)
+    wandb_dir: str | None = None  # where run dirs go; None: {cache}/wandb (offline runs wait there for `wandb sync`)
+
+    @model_validator(mode="after")
+    def _wandb_installed(self):
+        if self.wandb_project and importlib.util.find_spec("wandb") is None:
+            raise ValueError("wandb_project is set but wandb is not installed: pip install 'nanopipe[wandb]' "
+                             "(or leave tracking.wandb_project unset)")
+        return self
+
+
 class RunConfig(Section):
     preset: str = "tiny"
     setup: SetupConfig = SetupConfig()
@@ -294,6 +312,7 @@ class RunConfig(Section):
     serve: ServeConfig = ServeConfig()
     export: ExportConfig = ExportConfig()
     report: ReportConfig = ReportConfig()
+    tracking: TrackingConfig = TrackingConfig()  # not a stage: see TrackingConfig
 
     def section(self, stage: str) -> dict:
         """The JSON-able config section of a stage (what its key is computed from)."""

@@ -1,13 +1,14 @@
 """Load committed artifacts from the store for inference: models, tokenizers, and which ones to use.
 
-Every file is verified against its manifest's sha256 before use, and weights are loaded with
-torch.load(weights_only=True), so nothing read from a shared store can execute code.
+Every file is verified against its manifest's sha256 before use, and weights are safetensors
+(tensors and nothing else), so nothing read from a shared store can execute code.
 """
 
 from __future__ import annotations
 
 import json
 
+import safetensors.torch
 import torch
 
 from nanopipe.dag import in_order
@@ -17,7 +18,9 @@ from nanopipe.store import Store, StoreError
 from nanopipe.tokenizer import Tokenizer
 
 TOKENIZER_FILES = ("tokenizer.ranks", "tokenizer.json")
-# The stages that commit a model (model.pt), most finished first.
+MODEL_FILE = "model.safetensors"  # a training stage's weights (and a checkpoint's), beside model_config.json
+LEGACY_MODEL_FILE = "model.pt"  # the torch pickle of stores built before safetensors: refused, by name
+# The stages that commit a model (MODEL_FILE), most finished first.
 MODEL_STAGES = tuple(reversed(in_order({"base_train", "mid_train", "sft", "rl"})))
 
 
@@ -26,16 +29,29 @@ def load_tokenizer(store: Store, tokenizer_manifest: dict) -> Tokenizer:
 
 
 def load_model(store: Store, manifest: dict, device: str | torch.device = "cpu") -> GPT:
-    """The model a training stage committed (model.pt + model_config.json), in eval mode."""
+    """The model a training stage committed (model.safetensors + model_config.json), in eval mode."""
+    weights = store.local_path(manifest, model_file(manifest))
     mcfg = json.loads(store.read_bytes(manifest, "model_config.json"))
     mcfg.pop("depth", None)
     with torch.device("meta"):
         model = GPT(GPTConfig(**mcfg))
     model.to_empty(device=device)
-    model.load_state_dict(torch.load(store.local_path(manifest, "model.pt"), map_location=device, weights_only=True))
+    model.load_state_dict(safetensors.torch.load_file(weights, device=str(device)))
     # Rotary tables are non-persistent buffers: recompute them on the real device.
     model.cos, model.sin = rotary_tables(model.rotary_seq_len, model.config.head_dim, device=device)
     return model.eval()
+
+
+def model_file(manifest: dict) -> str:
+    """MODEL_FILE, if the manifest holds a model; a StoreError naming what it holds otherwise."""
+    files = {f["path"] for f in manifest["files"]}
+    if MODEL_FILE in files:
+        return MODEL_FILE
+    where = f"{manifest['stage']}/{manifest['key'][:16]}"
+    if LEGACY_MODEL_FILE in files:
+        raise StoreError(f"{where} holds {LEGACY_MODEL_FILE}, the weights format of nanopipe before "
+                         f"{MODEL_FILE}; rebuild it with this version (`nanopipe run` rebuilds it: its key changed)")
+    raise StoreError(f"{where} holds no model")
 
 
 def tokenizer_of(store: Store, manifest: dict) -> dict:
@@ -47,8 +63,7 @@ def find_model(store: Store, spec: str | None = None) -> dict:
     """A model manifest: by key prefix, by stage name (its newest), or the newest of the most finished stage."""
     if spec and spec not in MODEL_STAGES:
         m = store.find(spec.split("/")[-1])
-        if "model.pt" not in {f["path"] for f in m["files"]}:
-            raise StoreError(f"{m['stage']}/{m['key'][:16]} holds no model")
+        model_file(m)
         return m
     for stage in [spec] if spec else MODEL_STAGES:
         found = store.manifests(stage)

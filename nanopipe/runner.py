@@ -25,9 +25,10 @@ from typing import Callable
 from pydantic import BaseModel
 
 from nanopipe.codeid import stage_code
-from nanopipe.config import ConfigError, RunConfig
+from nanopipe.config import ConfigError, RunConfig, TrackingConfig
 from nanopipe.faults import reset_faults
 from nanopipe.launch import LaunchError, run_streaming, torchrun_command, training_env
+from nanopipe.progress import OnProgress, parse_progress, print_progress
 from nanopipe.stages import STAGES
 from nanopipe.store import Store, StageWriter, StoreError, output_digest, stage_key, writing
 from nanopipe.why import why
@@ -51,6 +52,8 @@ class StageContext:
     rank: int = 0
     world_size: int = 1
     extra: dict = field(default_factory=dict)
+    on_progress: OnProgress | None = None  # receives the stage's progress events (nanopipe.progress)
+    tracking: TrackingConfig | None = None  # where training also logs its metrics (nanopipe.tracking)
 
     def upstream_file(self, stage: str, rel: str) -> str:
         """Verified local path of an upstream stage's committed file."""
@@ -103,8 +106,9 @@ def committed(store: Store, cfg: RunConfig, order=STAGES, skip=()) -> dict[str, 
 
 
 def run_stage(store: Store, cfg: RunConfig, name: str, upstream: dict[str, dict],
-              force: bool = False, log: Log = print) -> tuple[dict, bool]:
-    """Return (manifest, reused). Reuses the committed output unless force; else runs the stage."""
+              force: bool = False, log: Log = print, on_progress: OnProgress | None = None) -> tuple[dict, bool]:
+    """Return (manifest, reused). Reuses the committed output unless force; else runs the stage.
+    on_progress receives the progress events of a running torchrun stage (nanopipe.progress)."""
     mod = stage_module(name)
     key = compute_key(cfg, name, upstream)
     manifest = None if force else store.manifest(name, key)  # a forced stage's manifest is not read: it may be damaged
@@ -120,19 +124,21 @@ def run_stage(store: Store, cfg: RunConfig, name: str, upstream: dict[str, dict]
     if getattr(mod, "LAUNCH", None) == "torchrun":
         if hasattr(mod, "prepare"):
             mod.prepare(getattr(cfg, name))  # one-time work (downloads) before the ranks start
-        return launch_child(store, cfg, name, key, upstream, log), False
-    return execute(store, name, key, getattr(cfg, name), upstream, log), False
+        return launch_child(store, cfg, name, key, upstream, log, on_progress), False
+    return execute(store, name, key, getattr(cfg, name), upstream, log, on_progress=on_progress), False
 
 
 def execute(store: Store, name: str, key: str, config: BaseModel, upstream: dict[str, dict],
-            log: Log = print, rank: int = 0, world_size: int = 1, code: dict | None = None) -> dict | None:
+            log: Log = print, rank: int = 0, world_size: int = 1, code: dict | None = None,
+            on_progress: OnProgress | None = None, tracking: TrackingConfig | None = None) -> dict | None:
     """Run the stage body in this process; rank 0 commits the manifest (with ``code``: the stage_code
     the key was computed from, passed by a parent process; default: this process's)."""
     mod = stage_module(name)
     started = time.time()
     reset_faults()
     writer = store.writer(name, key)
-    ctx = StageContext(store, name, key, config, upstream, writer, log, rank, world_size)
+    ctx = StageContext(store, name, key, config, upstream, writer, log, rank, world_size,
+                       on_progress=on_progress, tracking=tracking)
     log(f"[{name}] running (key {key[:16]}, store {store.url_of(writer.dir)})")
     metrics = mod.run(ctx) or {}
     if rank != 0:
@@ -163,11 +169,12 @@ ERROR_PREFIX = "nanopipe: error: "
 CONFIG_ERROR_PREFIX = "nanopipe: config error: "  # a setting the child found unusable (e.g. more steps than data)
 
 
-def launch_child(store: Store, cfg: RunConfig, name: str, key: str, upstream: dict[str, dict], log: Log) -> dict:
+def launch_child(store: Store, cfg: RunConfig, name: str, key: str, upstream: dict[str, dict], log: Log,
+                 on_progress: OnProgress | None = None) -> dict:
     section = getattr(cfg, name)
     writer = store.writer(name, key)
     spec = {"stage": name, "key": key, "config": section.model_dump(mode="json"), "upstream": upstream,
-            "code": stage_code(name)}
+            "code": stage_code(name), "tracking": cfg.tracking.model_dump(mode="json")}
     with writing(store.url_of(writer.work)):
         store.fs.makedirs(writer.work, exist_ok=True)
         store.fs.pipe_file(store.launch_spec_path(name, key), json.dumps(spec).encode())
@@ -179,8 +186,16 @@ def launch_child(store: Store, cfg: RunConfig, name: str, key: str, upstream: di
     log_path = store.local_launch_log(name, key)
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     log(f"[{name}] launching: {' '.join(cmd[2:])}")
+
+    def on_line(line: str) -> None:  # the child's progress lines go to on_progress, the rest to the log
+        event = parse_progress(line)
+        if event is None:
+            log(line)
+        elif on_progress is not None:
+            on_progress(event)
+
     try:
-        run_streaming(cmd, log_path, on_line=log, env=training_env())
+        run_streaming(cmd, log_path, on_line=on_line, env=training_env())
     except LaunchError as e:
         # The child's one-line store error (full disk, read-only store, damaged input) is the error here too.
         for prefix, error in ((CONFIG_ERROR_PREFIX, ConfigError), (ERROR_PREFIX, StoreError)):
@@ -218,7 +233,8 @@ def child_main(argv: list[str] | None = None) -> None:
     log = print if rank == 0 else (lambda s: None)
     try:
         execute(store, a.stage, a.key, config, spec["upstream"], log=log, rank=rank, world_size=world,
-                code=spec.get("code"))
+                code=spec.get("code"), on_progress=print_progress if rank == 0 else None,
+                tracking=TrackingConfig.model_validate(spec.get("tracking", {})))
     except (StoreError, ConfigError) as e:  # one line the parent can show as it is (see launch_child)
         print(f"{CONFIG_ERROR_PREFIX if isinstance(e, ConfigError) else ERROR_PREFIX}{e}", flush=True)
         sys.exit(1)

@@ -6,6 +6,7 @@ Layout under one root URL (a local path, ``s3://bucket/prefix`` or any fsspec UR
     {root}/{stage}/{key[:16]}/<files>          the stage's outputs, listed with sha256 in the manifest
     {root}/{stage}/{key[:16]}/_work/           in-progress state (checkpoints, partial output)
     {root}/{stage}/{key[:16]}/_work/launch.json    what a torchrun child is to run (runner.launch_child)
+    {root}/{stage}/{key[:16]}/_work/progress.json  how far a running torchrun stage is (nanopipe.progress)
     {root}/{stage}/{key[:16]}/launch.log       a torchrun child's full output (not part of the manifest)
     {root}/{stage}/{key[:16]}/_prefect_record.json   Prefect's cache record of the stage (flows/cache.py)
     {root}/_nightly/{UTC time}-{run id}.json   nightly evaluation records (flows/nightly_eval.py)
@@ -19,6 +20,7 @@ The local cache (``cache_dir()``, $NANOPIPE_CACHE or ~/.cache/nanopipe) is laid 
     {cache}/remote/                            local copies of a remote store's files, by sha256
     {cache}/logs/{stage}/{key[:16]}/launch.log a torchrun child's output, for remote stores
     {cache}/tmp/                               local temp files of outputs bound for a remote store
+    {cache}/wandb/                             Weights & Biases run dirs (offline runs stay here to sync)
 
 Keys are content addresses: sha256 of canonical JSON of the stage name, its code version,
 its config section and the identities of its upstream outputs (see ``stage_key``).
@@ -48,6 +50,7 @@ MANIFEST = "manifest.json"
 WORK = "_work"
 LAUNCH_SPEC = "launch.json"
 LAUNCH_LOG = "launch.log"
+PROGRESS = "progress.json"
 PREFECT_RECORD = "_prefect_record.json"
 NIGHTLY = "_nightly"
 MANIFEST_FORMAT = 1
@@ -111,6 +114,12 @@ def mirror_cache(kind: str, base_url: str, cache_root: str | os.PathLike | None 
 def core_bundle_cache(name: str, cache_root: str | os.PathLike | None = None) -> Path:
     """{cache}/core/{name}: an unpacked CORE eval bundle (the published one, or the offline build)."""
     return _cache_root(cache_root) / "core" / name
+
+
+def wandb_dir(cache_root: str | os.PathLike | None = None) -> Path:
+    """{cache}/wandb: where Weights & Biases keeps its run dirs (nanopipe.tracking), outside the
+    store's _work/ dirs, which a commit removes: an offline run must outlive its stage to be synced."""
+    return _cache_root(cache_root) / "wandb"
 
 
 def _cache_root(cache_root: str | os.PathLike | None) -> Path:
@@ -208,6 +217,11 @@ class Store:
     def launch_spec_path(self, stage: str, key: str) -> str:
         """What a torchrun child of (stage, key) is to run: written by the parent, read by every rank."""
         return posixpath.join(self.work_dir(stage, key), LAUNCH_SPEC)
+
+    def progress_path(self, stage: str, key: str) -> str:
+        """How far a running torchrun stage is (nanopipe.progress): rank 0 rewrites it atomically while
+        it runs; it goes with the rest of _work/ when the stage commits."""
+        return posixpath.join(self.work_dir(stage, key), PROGRESS)
 
     def launch_log_path(self, stage: str, key: str) -> str:
         """A torchrun child's full output, kept beside the stage's outputs (not part of the manifest)."""

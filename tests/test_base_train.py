@@ -15,8 +15,10 @@ from nanopipe.cli import config_status
 from nanopipe.config import load_config
 from nanopipe.codeid import stage_code
 from nanopipe.optim import dtype_name, fast_ns_dtype
-from nanopipe.runner import compute_key, run_pipeline
+from nanopipe.progress import read_progress
+from nanopipe.runner import compute_key, run_pipeline, run_stage
 from nanopipe.store import Store
+from test_progress import offline_runs, wandb_history
 
 pytestmark = pytest.mark.e2e
 
@@ -67,7 +69,7 @@ def test_loss_falls_and_manifest_is_complete(store, edited_source):
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
     assert m["metrics"]["val_bpb"] > 0 and m["metrics"]["tokens"] == 12 * 512
-    assert {"model.pt", "model_config.json", "loss_curve.json"} <= {f["path"] for f in m["files"]}
+    assert {"model.safetensors", "model_config.json", "loss_curve.json"} <= {f["path"] for f in m["files"]}
     assert not store.fs.exists(store.work_dir("base_train", key))  # resume state is gone after commit
     # the torchrun child records the code the parent computed the key from; status names what changed since
     assert {k: m[k] for k in ("code_version", "code")} == stage_code("base_train")
@@ -139,8 +141,59 @@ def test_sigkill_then_rerun_is_bitwise_identical_and_upstream_cached(store, upst
     _, m = built(store)
     sha = {f["path"]: f["sha256"] for f in m["files"]}
     ref_sha = {f["path"]: f["sha256"] for f in ref_m["files"]}
-    assert sha["model.pt"] == ref_sha["model.pt"], f"resumed weights differ (killed at step {kill_at})"
+    assert sha["model.safetensors"] == ref_sha["model.safetensors"], f"resumed weights differ (killed at step {kill_at})"
     assert json.loads(store.read_bytes(m, "loss_curve.json"))["train"] == json.loads(ref.read_bytes(ref_m, "loss_curve.json"))["train"]
+    # The flow run's page shows the training live: a progress artifact (100% at the end) and the metrics table.
+    progress, live = (run_artifact(state.state_details.flow_run_id, key) for key in ("base-train-progress", "base-train-live"))
+    assert progress.type == "progress" and float(progress.data) == 100.0 and "step 12/12" in progress.description
+    rows = json.loads(live.data)
+    assert live.type == "table" and rows[0]["step"] == 12 and rows[0]["loss"] > 0 and rows[0]["tokens_per_s"] > 0
+    assert [r["step"] for r in rows] == sorted((r["step"] for r in rows), reverse=True)
+
+
+def run_artifact(flow_run_id, key: str):
+    """The one artifact of a flow run under `key` (updated in place while the stage ran)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        (art,) = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return art
+
+
+def test_progress_reaches_the_caller_while_it_runs_and_wandb_keeps_the_metrics(store, tmp_path, monkeypatch):
+    """run_stage's caller gets the torchrun child's progress events (steps rising, a final 100%) while the
+    progress file holds the latest; the log never shows them; the file goes at commit. Tracking changes
+    no key, and W&B (offline) keeps every step's loss and every evaluation."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = load_config("tiny", UPSTREAM + TRAIN + ["tracking.wandb_project=nanopipe-test", "tracking.wandb_mode=offline",
+                                                  f"tracking.wandb_dir={tmp_path}"])
+    ups = {s: store.manifests(s)[0] for s in ("tokenizer", "data")}
+    key = compute_key(cfg, "base_train", ups)
+    assert key == built(store)[0]
+    events, on_disk, logs = [], [], []
+
+    def on_progress(event):
+        events.append(event)
+        on_disk.append(read_progress(store, "base_train", key))
+
+    m, reused = run_stage(store, cfg, "base_train", ups, log=logs.append, on_progress=on_progress)
+    assert not reused and m["key"] == key
+    steps = [e["step"] for e in events]
+    assert steps[0] == 0 and steps == sorted(steps) and len(set(steps)) >= 4, steps
+    assert events[-1]["step"] == 12 and events[-1]["percent"] == 100.0 and events[-1]["eta_s"] == 0.0
+    assert on_disk == events  # each event was in the progress file when the caller got it
+    last = events[-1]["metrics"]
+    assert last["loss"] > 0 and last["val_bpb"] == m["metrics"]["val_bpb"] and last["tokens_per_s"] > 0
+    assert not any("@@progress" in line for line in logs) and any("step 12/12 | loss" in line for line in logs)
+    assert read_progress(store, "base_train", key) is None and not store.fs.exists(store.work_dir("base_train", key))
+
+    (run_dir,) = offline_runs(tmp_path)
+    rows = {r["_step"]: r for r in wandb_history(run_dir)}
+    curve = json.loads(store.read_bytes(m, "loss_curve.json"))
+    assert [[s, rows[s]["loss"]] for s in range(12)] == curve["train"]
+    assert [[s, rows[s]["val_bpb"]] for s in (0, 6, 12)] == curve["val_bpb"]
 
 
 def periodic_corpus(store, path, frac=0.02):
@@ -191,14 +244,14 @@ def test_corrupt_checkpoint_is_reported_not_loaded(store):
     p = cli(store.url, faults="base_train.step=6:kill")
     assert p.returncode != 0
     key, _ = built(store)
-    model_pt = f"{store.work_dir('base_train', key)}/ckpt_000004/model.pt"
-    data = bytearray(open(model_pt, "rb").read())
+    weights = f"{store.work_dir('base_train', key)}/ckpt_000004/model.safetensors"
+    data = bytearray(open(weights, "rb").read())
     data[len(data) // 2] ^= 0xFF
-    open(model_pt, "wb").write(bytes(data))
+    open(weights, "wb").write(bytes(data))
     p = cli(store.url)
     assert p.returncode != 0
     out = p.stdout + p.stderr
-    assert "sha256 mismatch" in out and "ckpt_000004/model.pt" in out
+    assert "sha256 mismatch" in out and "ckpt_000004/model.safetensors" in out
     assert "resumed from checkpoint" not in out
     assert built(store)[1] is None
 

@@ -281,7 +281,7 @@ def commit(store: Store, stage: str, files: dict[str, bytes], upstream: dict[str
 
 
 def model_files(model: GPT) -> dict[str, bytes]:
-    return {"model.pt": model_bytes(model), "model_config.json": json.dumps(model.config.__dict__).encode()}
+    return {"model.safetensors": model_bytes(model), "model_config.json": json.dumps(model.config.__dict__).encode()}
 
 
 def build_store(url: str, tok: Tokenizer) -> tuple[Store, dict]:

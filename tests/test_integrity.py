@@ -233,9 +233,40 @@ def test_checkpoint_complete_marker_is_written_atomically(tmp_path, monkeypatch)
     assert os.listdir(ckpts._ckpt(2)) and COMPLETE not in os.listdir(ckpts._ckpt(2))
     assert not glob.glob(f"{ckpts._ckpt(2)}/*.tmp")
     assert ckpts.steps() == [1] and ckpts.load(d, 1, model, optimizers) == {"step": 1}
-    open(f"{ckpts._ckpt(1)}/{COMPLETE}", "w").write('{"model.pt": "ab')  # damaged another way: refused by name
+    open(f"{ckpts._ckpt(1)}/{COMPLETE}", "w").write('{"model.safetensors": "ab')  # damaged another way: refused by name
     with pytest.raises(IntegrityError, match=r"ckpt_000001/COMPLETE: not valid JSON"):
         ckpts.load(d, 1, model, optimizers)
+
+
+# ----- weights: safetensors, read through the store's sha256 check; a model.pt of old is refused -----
+
+def test_committed_weights_are_safetensors_and_an_old_model_pt_is_refused_by_name(tmp_path):
+    import safetensors.torch
+    from nanopipe import loading
+    from test_engine import random_model
+
+    store, model = Store(str(tmp_path / "store")), random_model()
+    w = store.writer("sft", "a" * 64)
+    save_model(w, model)
+    m = w.commit(config={}, upstream={}, code_version="test", metrics={}, started_at=time.time())
+    # plain safetensors that any tool reads: the exact tensors of the state dict
+    saved = safetensors.torch.load_file(store.path_of(m, "model.safetensors"))
+    assert saved.keys() == model.state_dict().keys() and all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    loaded = loading.load_model(store, m)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert loading.find_model(store, "aaaaaa")["key"] == m["key"]
+    flip(store.path_of(m, "model.safetensors"))
+    with pytest.raises(IntegrityError, match=r"sft/a{16}/model\.safetensors: sha256 mismatch"):
+        loading.load_model(store, m)
+
+    w = store.writer("sft", "b" * 64)  # as nanopipe committed models before safetensors
+    w.write_bytes("model.pt", b"a torch pickle")
+    w.write_json("model_config.json", dict(model.config.__dict__))
+    old = w.commit(config={}, upstream={}, code_version="test", metrics={}, started_at=time.time())
+    for read in (lambda: loading.load_model(store, old), lambda: loading.find_model(store, "bbbbbb")):
+        with pytest.raises(StoreError, match=r"sft/b{16} holds model\.pt, the weights format of nanopipe before "
+                                             r"model\.safetensors; rebuild it"):
+            read()
 
 
 # ----- readers verify: shards (once per process), report results -----

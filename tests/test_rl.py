@@ -222,7 +222,7 @@ def warm_store(tmp_path_factory):
     store = Store(str(tmp_path_factory.mktemp("rl") / "store"))
     ups = {}
     for stage, files in (("tokenizer", tok.to_files()),
-                         ("sft", {"model.pt": model_bytes(model),
+                         ("sft", {"model.safetensors": model_bytes(model),
                                   "model_config.json": json.dumps(dict(model.config.__dict__)).encode()})):
         w = store.writer(stage, stage * 8)
         for rel, data in files.items():
@@ -284,7 +284,7 @@ def test_killed_run_resumes_to_bitwise_identical_weights(warm_store, reference_r
     m = run_rl(copy, ups)
     sha = {f["path"]: f["sha256"] for f in m["files"]}
     ref = {f["path"]: f["sha256"] for f in reference_run["files"]}
-    assert sha["model.pt"] == ref["model.pt"], "resumed weights differ from the uninterrupted run"
+    assert sha["model.safetensors"] == ref["model.safetensors"], "resumed weights differ from the uninterrupted run"
     assert sha["rl_curve.json"] == ref["rl_curve.json"]  # the same completions, rewards and evaluations
 
 

@@ -12,13 +12,13 @@ import time
 
 import httpx
 import pytest
-import torch
 import uvicorn
 
 from nanopipe import sandbox
 from nanopipe.engine import Engine
 from nanopipe.serve.app import Limits, Security, StopText, check_exposure, create_app
 from nanopipe.serve.chat_cli import assistant_content, chat_main, repl
+from nanopipe.train.common import save_model
 from test_engine import random_model, train_tokenizer
 
 MODEL_NAME = "sft/0123456789ab"
@@ -347,10 +347,7 @@ def test_chat_main_one_shot_from_a_store_checkpoint(tmp_path, tok, model, capsys
         w.write_bytes(name, data)
     tok_manifest = w.commit(config={}, upstream={}, code_version="test", metrics={}, started_at=time.time())
     w = store.writer("sft", "b" * 64)
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    w.write_bytes("model.pt", buf.getvalue())
-    w.write_json("model_config.json", dict(model.config.__dict__))
+    save_model(w, model)
     w.commit(config={}, upstream={"tokenizer": tok_manifest}, code_version="test", metrics={}, started_at=time.time())
 
     chat_main(str(tmp_path / "store"), None, "hello", temperature=0.0, top_k=None, max_tokens=10, device="cpu")

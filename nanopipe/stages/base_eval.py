@@ -18,6 +18,7 @@ from nanopipe.device import compute_dtype
 from nanopipe.engine import Engine
 from nanopipe.eval.core import evaluate_core
 from nanopipe.eval.core_data import core_bundle, load_eval_bundle
+from nanopipe.progress import StageProgress
 from nanopipe.train.base import load_token_bytes, val_bpb
 from nanopipe.train.common import init_distributed, pick_device_batch
 
@@ -29,6 +30,7 @@ LAUNCH = "torchrun"
 # Per-task timings of evaluate_core: manifest metrics, not core.json, whose bytes must depend only on
 # the model and the data (they key the stages downstream; a rerun must not change them).
 TIMINGS = ("seconds", "items_per_s")
+PHASES = ("val_bpb", "samples", "core")  # the parts of the work, in order, for progress events
 
 
 def prepare(cfg) -> None:
@@ -43,6 +45,8 @@ def run(ctx: "StageContext") -> dict:
     tok = loading.load_tokenizer(ctx.store, ctx.upstream["tokenizer"])
     model = loading.load_model(ctx.store, ctx.upstream["base_train"], d.device)
     seq = model.config.sequence_len
+    watch = StageProgress(ctx, len(PHASES))  # progress by phase: bits per byte, samples, CORE
+    watch.update(0, force=True, phase=PHASES[0])
 
     B = pick_device_batch(d, "base_eval", cfg.device_batch_size, sizing.EVAL_DEVICE_BATCHES,
                           lambda b: sizing.eval_memory(model.config, b, seq, compute_dtype(d.device).itemsize)["total"],
@@ -50,10 +54,12 @@ def run(ctx: "StageContext") -> dict:
     with torch.no_grad(), d.autocast():
         bpb, tokens = val_bpb(ctx, model, tok, load_token_bytes(ctx).to(d.device), d, B, seq, cfg.eval_tokens)
     log(f"[base_eval] val bpb {bpb:.4f} over {tokens:,} tokens")
+    watch.update(1, {"val_bpb": bpb}, force=True, phase=PHASES[1])
 
     samples = sample_prompts(model, tok, cfg) if d.is_master else []
     for s in samples:
         log(f"[base_eval] {s['prompt']!r} -> greedy {s['greedy']!r}")
+    watch.update(2, force=True, phase=PHASES[2])
 
     directory, provenance = core_bundle(cfg.core_source, log=log)
     same_bundle_on_every_rank(d, provenance)
@@ -62,6 +68,7 @@ def run(ctx: "StageContext") -> dict:
         core = evaluate_core(model, tok, tasks, seq, d.device, max_examples=cfg.core_max_examples,
                              batch_size=cfg.core_batch_size, log=log)
     log(f"[base_eval] {core['core_name']}: {core['core']:.4f} ({core['items_per_s']:.1f} items/s)")
+    watch.update(3, {"core": core["core"]}, eta_s=0.0, force=True)
     if d.is_master:
         rows = [{"task": label, **{k: v for k, v in r.items() if k not in TIMINGS}} for label, r in core["tasks"].items()]
         ctx.writer.write_json("core.json", {"core": core["core"], "core_name": core["core_name"], "tasks": rows,

@@ -2,7 +2,7 @@
 and the training loop itself (`train_loop`), into which base, mid, SFT and RL training plug their step.
 
 Checkpoints live in the stage's store `_work/` dir as `ckpt_{step:06d}/`:
-model.pt (rank 0), optim_rank{r}.pt (each rank its own optimizer state), state.json
+model.safetensors (rank 0), optim_rank{r}.pt (each rank its own optimizer state), state.json
 (step, loader positions of all ranks, RNG states, loss history) and COMPLETE, written
 last by rank 0 (atomically) with the sha256 of every file. A checkpoint without COMPLETE, or
 whose files do not match it, is never loaded.
@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 import posixpath
 import random
@@ -22,12 +21,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.distributed as dist
 
 from nanopipe import distcheck, loading, sizing
 from nanopipe.device import autocast_for, setup_device
 from nanopipe.faults import fault_point
+from nanopipe.progress import StageProgress, fmt_eta, numbers
+from nanopipe.tracking import start_tracking
 from nanopipe.store import IntegrityError, Store, writing
 
 if TYPE_CHECKING:
@@ -203,7 +205,7 @@ class Checkpoints:
         d.barrier()
         own = {f"optim_rank{d.rank}.pt": opt_blob, f"rng_rank{d.rank}.pt": rng_blob}
         if d.is_master:
-            own["model.pt"] = _tensor_bytes(model.state_dict())
+            own[loading.MODEL_FILE] = model_bytes(model)
             own["state.json"] = json.dumps(state, sort_keys=True).encode()
         for name, blob in own.items():
             with writing(self.store.url_of(posixpath.join(path, name))):
@@ -236,7 +238,7 @@ class Checkpoints:
         return data
 
     def load(self, d: Dist, step: int, model: torch.nn.Module, optimizers) -> dict:
-        model.load_state_dict(_load_tensor_bytes(self._read(step, "model.pt")))
+        model.load_state_dict(safetensors.torch.load(self._read(step, loading.MODEL_FILE)))
         for opt, sd in zip(optimizers, _load_tensor_bytes(self._read(step, f"optim_rank{d.rank}.pt"))):
             opt.load_state_dict(sd)
         set_rng_state(_load_tensor_bytes(self._read(step, f"rng_rank{d.rank}.pt")))
@@ -264,13 +266,6 @@ class Progress:
         if self.peak:
             out["mfu"] = tps * self.flops / self.peak
         return out
-
-
-def fmt_eta(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    h, rem = divmod(int(s), 3600)
-    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
 
 
 # ----- the loop every training stage runs -----
@@ -343,6 +338,8 @@ def train_loop(ctx: "StageContext", d: Dist, spec: LoopSpec, model, optimizers, 
         function of the step alone (RL).
     The state: step, loader (positions of all ranks), curve [{step, loss, lrm, **extra}],
     val [[step, value]], tokens, train_s (seconds in steps, evaluations and checkpoints left out).
+    While it runs, rank 0 reports progress (nanopipe.progress: the stage's progress file and its
+    parent) and, when tracking.wandb_project is set, each step and evaluation to W&B (nanopipe.tracking).
     """
     ckpts = Checkpoints(ctx.store, ctx.writer.work, spec.keep_checkpoints)
     state = {"step": 0, "loader": None, "curve": [], "val": [], "tokens": 0, "train_s": 0.0}
@@ -355,6 +352,9 @@ def train_loop(ctx: "StageContext", d: Dist, spec: LoopSpec, model, optimizers, 
             data.load_state_dict(state["loader"][d.rank])
         log(f"[{spec.name}] resumed from checkpoint at step {resumed_at}")
     progress = Progress(spec.steps, spec.flops_per_token, peak_flops(d.device))
+    watch = StageProgress(ctx, spec.steps)
+    tracker = start_tracking(ctx.tracking, ctx.stage, ctx.key, ctx.config.model_dump(mode="json")) if d.is_master else None
+    watch.update(state["step"], force=True)
     evaluates = spec.eval_every > 0 or spec.eval_at_ends
     smooth = None
     step = state["step"]
@@ -369,6 +369,9 @@ def train_loop(ctx: "StageContext", d: Dist, spec: LoopSpec, model, optimizers, 
             model.train()
             state["val"].append([step, value])
             log(f"[{spec.name}] step {step}/{spec.steps} | {text}")
+            watch.update(step, numbers(spec.val_metric or "val", value), force=True)
+            if tracker:
+                tracker.log(numbers(spec.val_metric or "val", value), step)
             progress.t = time.time()  # step timings and the ETA leave evaluations out
         if 0 < step < spec.steps and step % spec.checkpoint_every == 0 and step != resumed_at:
             state.update(step=step, loader=None if data is None else _gather(d, data.state_dict()))
@@ -376,6 +379,7 @@ def train_loop(ctx: "StageContext", d: Dist, spec: LoopSpec, model, optimizers, 
             log(f"[{spec.name}] checkpoint at step {step}")
             progress.t = time.time()
         if last:
+            watch.update(step, eta_s=0.0, force=True)
             break
         t0 = time.time()
         out = step_fn(step)
@@ -392,14 +396,22 @@ def train_loop(ctx: "StageContext", d: Dist, spec: LoopSpec, model, optimizers, 
         state["curve"].append({"step": step, "loss": loss, "lrm": lrm, **out.extra})
         smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
         p = progress.tick(step, n_tokens)
+        rates = {"tokens_per_s": p["tokens_per_s"], **({"mfu": p["mfu"]} if "mfu" in p else {})}
+        if tracker:
+            tracker.log({"loss": loss, "lrm": lrm, **rates, **out.extra}, step)
         step += 1
         fault_point(f"{spec.name}.step")
-        if step % spec.log_every == 0 or step == spec.steps or step <= 3:
+        logged = step % spec.log_every == 0 or step == spec.steps or step <= 3
+        watch.update(step, {"loss": smooth, "lrm": lrm, **rates, **{k: out.extra[k] for k in spec.show}},
+                     eta_s=p["eta_s"], force=logged)
+        if logged:
             shown = "".join(f" | {k} {out.extra[k]:.3f}" for k in spec.show)
             mfu = f" | MFU {100 * p['mfu']:.1f}%" if "mfu" in p else ""
             log(f"[{spec.name}] step {step}/{spec.steps} | loss {smooth:.4f}{shown} | lr x{lrm:.3f} | "
                 f"{_fmt_dt(p['dt'])} | {p['tokens_per_s']:,.0f} tok/s | {p['flops_per_s'] / 1e12:.3f} TFLOP/s{mfu} | "
                 f"ETA {fmt_eta(p['eta_s'])}")
+    if tracker:
+        tracker.finish()
     return state
 
 
@@ -444,8 +456,8 @@ def warm_start(ctx: "StageContext", d: Dist):
 
 
 def save_model(writer, model: torch.nn.Module, **config_extra) -> None:
-    """model.pt and model_config.json: what loading.load_model reads back."""
-    writer.write_bytes("model.pt", model_bytes(model))
+    """model.safetensors and model_config.json: what loading.load_model reads back."""
+    writer.write_bytes(loading.MODEL_FILE, model_bytes(model))
     writer.write_json("model_config.json", {**model.config.__dict__, **config_extra})
 
 
@@ -458,4 +470,6 @@ def _gather(d: Dist, own: dict) -> list[dict]:
 
 
 def model_bytes(model: torch.nn.Module) -> bytes:
-    return _tensor_bytes({k: v.detach().to("cpu") for k, v in model.state_dict().items()})
+    """The model's weights as safetensors (contiguous CPU tensors: safetensors stores no strides)."""
+    return safetensors.torch.save({k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()},
+                                  metadata={"format": "pt"})
