@@ -124,3 +124,19 @@ def test_tiny_plan_runs_on_cpu_without_a_price():
     assert b["device"] == "cpu" and b["seconds"] is None and b["data_passes"] < 1
     assert (b["device_batch_size"], b["grad_accum"]) == (8, 2)
     assert "tiny" in render(p)
+
+
+def test_training_resolves_auto_as_the_plan_does(monkeypatch):
+    """train.common.pick_device_batch on a (pretend) 24 GB 4090 picks what `plan --gpu 4090` shows."""
+    from nanopipe.train.common import Dist, pick_device_batch
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=24 * sizing.GiB))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA GeForce RTX 4090")
+    cfg = load_config("d20", ["base_train.device_batch_size=auto"])
+    mcfg, lines = model_config(cfg), []
+    need = lambda b: sizing.train_memory(mcfg, b, 2048, 2, True)["total"]
+    B = pick_device_batch(Dist(0, 0, 1, torch.device("cuda", 0)), "base_train", "auto",
+                          sizing.divisors(524_288 // 2048), need, lines.append)
+    assert B == plan(cfg, gpus=1, gpu="4090")["stages"]["base_train"]["device_batch_size"] == 8
+    assert lines == [f"[base_train] device_batch_size=auto: 8 rows (estimated peak {need(8) / sizing.GiB:.2f} GiB of "
+                     "20.6 GiB usable on NVIDIA GeForce RTX 4090 (24 GiB))"]
