@@ -219,7 +219,7 @@ def periodic_corpus(store, path, frac=0.02):
             f.write(json.dumps({"text": doc}) + "\n")
         for v in vals:
             f.write(json.dumps({"text": v}) + "\n")
-    return ["data.source.kind=local", f'data.source.paths=["{path}"]', "data.source.max_chars=null",
+    return ["data.source.kind=local", f'data.source.paths=["{path}"]', "data.source.max_chars=null", "data.source.doc_chars=null",
             "data.docs_per_shard=64", "data.row_group_size=8", f"data.val_fraction={frac}"]
 
 
