@@ -1,6 +1,8 @@
 """The GPU check before a d20 run, in one short call: on one H100/H200 it runs what only CUDA can
 show, in a few minutes, with nanopipe's own code (model, optimizers, training step, checkpoints,
 engine) and no Prefect, no data, no Rust build (random tokens; a synthetic byte-pair vocabulary).
+Beside a stock CUDA PyTorch it imports only wheels pip installs as they are: numpy, fsspec, pyarrow,
+pydantic, safetensors, tiktoken (run it from a copy of this repository; nanopipe need not be installed).
 
     python bench/gpu_check.py            # CUDA when present, else the CPU path
     python bench/gpu_check.py --cpu      # the CPU path: a tiny shape, as the test suite runs it
