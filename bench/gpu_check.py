@@ -9,7 +9,7 @@ pydantic, safetensors, tiktoken (run it from a copy of this repository; nanopipe
 
 1. base_train steps at d20's shape and device batch (sizing.GPU_RECIPES; tiny on CPU): bf16 autocast,
    torch.compile where train.common would compile; tokens/s, MFU against the GPU's dense bf16 peak
-   (sizing.GPU_TABLE), peak memory against nanopipe plan's estimate (sizing.train_memory). On CPU the
+   (nanopipe/gpus.py), peak memory against nanopipe plan's estimate (sizing.train_memory). On CPU the
    peak is the resident-set growth of fresh processes training at a few small shapes, against the
    same estimator.
 2. a checkpoint saved and resumed (train.common.Checkpoints): the resumed step's loss equals the
@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nanopipe import sizing  # noqa: E402
+from nanopipe import gpus, sizing  # noqa: E402
 from nanopipe.device import compile_enabled  # noqa: E402
 from nanopipe.engine import Engine  # noqa: E402
 from nanopipe.model import GPT, GPTConfig  # noqa: E402
@@ -121,7 +121,7 @@ def check_base(d, shape: dict, steps: int) -> dict:
     dt = time.perf_counter() - t0
     tokens_per_s = steps * shape["B"] * shape["T"] / dt
     fpt = sizing.flops_per_token(model.config)
-    gpu = sizing.gpu_of(torch.cuda.get_device_name(device)) if cuda else None
+    gpu = gpus.gpu_of(torch.cuda.get_device_name(device)) if cuda else None
     est = sizing.train_memory(model.config, shape["B"], shape["T"], 2 if cuda else 4, compiled)["total"]
     return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * fpt / gpu.bf16_flops if gpu else None,
             "peak_bytes": torch.cuda.max_memory_allocated(device) if cuda else None, "plan_peak_bytes": est,

@@ -28,7 +28,7 @@ import os
 import sys
 import time
 
-from nanopipe import sizing
+from nanopipe import gpus
 from nanopipe.config import ConfigError, load_config
 from nanopipe.dag import PlanError, check_names, plan_stages
 from nanopipe.launch import LaunchError
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a config value (repeatable), e.g. --set base_train.device_batch_size=auto")
     p.add_argument("--gpus", type=int, default=None, help="GPUs per torchrun stage (default: each stage's nproc_per_node)")
-    p.add_argument("--gpu", default="h100-80gb", help="GPU kind: " + ", ".join(sizing.GPUS))
+    p.add_argument("--gpu", default="h100-80gb", help="GPU kind: " + ", ".join(gpus.GPUS))
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the time estimate (default 0.4)")
     p.add_argument("--price-per-gpu-hour", type=float, default=None, help="USD (default: a rough price for --gpu)")
     p.add_argument("--mid-tokens", type=int, default=None, help="tokens of mid_train's mixture, to time one epoch")

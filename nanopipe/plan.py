@@ -8,9 +8,8 @@ and the time and cost at a price per GPU-hour.
 
 The arithmetic is nanopipe.sizing's, the one the training stages run with (device_batch_size=auto is
 resolved here as there, against the GPU's memory). `plan` reads a RunConfig duck-typed and this module
-imports no pydantic, so bench/gpu_check.py can use it on a bare CUDA machine. Prices live here and
-not in sizing: sizing is part of the training stages' code identity, and a new price must not rebuild
-a trained model.
+imports no pydantic. The GPUs' memory and peak FLOP/s are nanopipe.gpus', their prices
+nanopipe.report's (the run report prices a finished run with them).
 """
 
 from __future__ import annotations
@@ -19,12 +18,9 @@ import math
 import os
 
 from nanopipe import sizing
+from nanopipe.gpus import GPUS
+from nanopipe.report import PRICE_PER_GPU_HOUR
 
-# Rough on-demand USD per GPU-hour (Lambda's list where it has the GPU, else typical cloud prices);
-# `--price-per-gpu-hour` and report.gpu_hour_usd override. nanochat's speedrun: 8 x H100 at $24/h.
-PRICE_PER_GPU_HOUR = {"h100-pcie": 2.49, "h100-80gb": 3.00, "h200": 3.79, "b200": 4.99, "a100-40gb": 1.29,
-                      "a100-80gb": 1.79, "l40s": 1.00, "l4": 0.70, "a10g": 1.00, "a10": 0.75, "4090": 0.40,
-                      "v100": 0.55}
 DEFAULT_GPU = "h100-80gb"
 DEFAULT_MFU = 0.40  # nanochat's classic d20 run reaches about 48% on H100s
 # The data stage's rate on parquet input (FineWeb-like) when all its work shares one core: the CPU
@@ -35,12 +31,6 @@ SHARD_BYTES_PER_CHAR = 0.40  # zstd parquet (nanochat: ~100 MB per 250M-char Fin
 CHAT_STAGES = ("mid_train", "sft")
 AUTO_STAGES = ("base_train", "base_eval", "mid_train", "sft")  # whose device_batch_size may be "auto"
 AUTO_LESS = {"rl": "rl.device_batch_size or rl.engine_batch", "chat_eval": "chat_eval.batch_size"}  # the others: what sets their memory
-
-
-def gpu_hour_usd(device_name: str) -> float | None:
-    """The default price of a CUDA device by its name (torch.cuda.get_device_name), or None."""
-    gpu = sizing.gpu_of(device_name)
-    return PRICE_PER_GPU_HOUR.get(gpu.key) if gpu else None
 
 
 def model_config(cfg):
@@ -54,16 +44,16 @@ def model_config(cfg):
 def plan(cfg, gpus: int | None = None, gpu: str = DEFAULT_GPU, mfu: float = DEFAULT_MFU,
          price_per_gpu_hour: float | None = None, mid_tokens: int | None = None,
          sft_conversations: int | None = None) -> dict:
-    """The plan of a RunConfig on `gpus` GPUs of kind `gpu` (a sizing.GPUS key) per torchrun stage
+    """The plan of a RunConfig on `gpus` GPUs of kind `gpu` (a nanopipe.gpus.GPUS key) per torchrun stage
     (default: each stage's nproc_per_node x nnodes). mid_tokens / sft_conversations: the size of
     those mixtures, for their steps when num_iterations is -1 (one epoch; unknown before they are built)."""
-    if gpu not in sizing.GPUS:
-        raise ValueError(f"unknown GPU {gpu!r}; known: {', '.join(sizing.GPUS)}")
+    if gpu not in GPUS:
+        raise ValueError(f"unknown GPU {gpu!r}; known: {', '.join(GPUS)}")
     if not 0 < mfu <= 1:
         raise ValueError(f"MFU must be in (0, 1], got {mfu}")
     if gpus is not None and gpus < 1:
         raise ValueError(f"--gpus must be >= 1, got {gpus}")
-    hw = sizing.GPUS[gpu]
+    hw = GPUS[gpu]
     price = PRICE_PER_GPU_HOUR.get(gpu) if price_per_gpu_hour is None else price_per_gpu_hour
     mcfg = model_config(cfg)
     params, fpt = sizing.num_params(mcfg), sizing.flops_per_token(mcfg)

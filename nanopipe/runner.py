@@ -29,6 +29,7 @@ from nanopipe.config import ConfigError, RunConfig, TrackingConfig
 from nanopipe.faults import reset_faults
 from nanopipe.launch import LaunchError, run_streaming, torchrun_command, training_env
 from nanopipe.progress import OnProgress, parse_progress, print_progress
+from nanopipe.sizing import SizingError
 from nanopipe.stages import STAGES
 from nanopipe.store import Store, StageWriter, StoreError, output_digest, stage_key, writing
 from nanopipe.why import why
@@ -167,6 +168,7 @@ def run_pipeline(store: Store, cfg: RunConfig, order: list[str], force: list[str
 
 ERROR_PREFIX = "nanopipe: error: "
 CONFIG_ERROR_PREFIX = "nanopipe: config error: "  # a setting the child found unusable (e.g. more steps than data)
+CONFIG_ERRORS = (ConfigError, SizingError)
 
 
 def launch_child(store: Store, cfg: RunConfig, name: str, key: str, upstream: dict[str, dict], log: Log,
@@ -235,8 +237,8 @@ def child_main(argv: list[str] | None = None) -> None:
         execute(store, a.stage, a.key, config, spec["upstream"], log=log, rank=rank, world_size=world,
                 code=spec.get("code"), on_progress=print_progress if rank == 0 else None,
                 tracking=TrackingConfig.model_validate(spec.get("tracking", {})))
-    except (StoreError, ConfigError) as e:  # one line the parent can show as it is (see launch_child)
-        print(f"{CONFIG_ERROR_PREFIX if isinstance(e, ConfigError) else ERROR_PREFIX}{e}", flush=True)
+    except (StoreError, *CONFIG_ERRORS) as e:  # one line the parent can show as it is (see launch_child)
+        print(f"{CONFIG_ERROR_PREFIX if isinstance(e, CONFIG_ERRORS) else ERROR_PREFIX}{e}", flush=True)
         sys.exit(1)
     sys.stdout.flush()
 

@@ -4,10 +4,9 @@ accumulation, steps, and the tokens a data source holds, as arithmetic on plain 
 The training stages use it (batch checks, `device_batch_size=auto`), and so do `nanopipe plan`
 (nanopipe/plan.py) and bench/gpu_check.py. It imports neither torch nor pydantic, so it loads on
 any machine. Model shapes are read duck-typed from a nanopipe.model.GPTConfig (n_layer, n_embd,
-n_head, n_kv_head, head_dim, vocab_size, padded_vocab_size).
-
-Prices are not here but in plan.py: this module is part of the training stages' code identity,
-and a new price per GPU-hour must not rebuild a trained model.
+n_head, n_kv_head, head_dim, vocab_size, padded_vocab_size). The accelerators' memory and peak
+FLOP/s are in nanopipe/gpus.py, prices per GPU-hour in nanopipe/report.py: this module is part of
+the training stages' code identity, and neither a new GPU nor a new price may rebuild a trained model.
 """
 
 from __future__ import annotations
@@ -18,37 +17,9 @@ from typing import Callable, Iterable
 GiB = 1 << 30
 
 
-# ----- accelerators: the one table of their memory and dense bf16 peak -----
-
-@dataclass(frozen=True)
-class GPU:
-    key: str
-    match: tuple[str, ...]  # all of these appear in torch.cuda.get_device_name()
-    memory_gib: float
-    bf16_flops: float  # dense (no 2:4 sparsity) bf16 tensor-core peak, FLOP/s: MFU's denominator
-
-
-# Most specific first: the first entry whose `match` strings all occur in a device name is it.
-GPU_TABLE = (
-    GPU("h100-pcie", ("H100", "PCIe"), 80, 756e12),
-    GPU("h100-80gb", ("H100",), 80, 989e12),  # SXM
-    GPU("h200", ("H200",), 141, 989e12),
-    GPU("b200", ("B200",), 180, 2250e12),
-    GPU("a100-40gb", ("A100", "40GB"), 40, 312e12),
-    GPU("a100-80gb", ("A100",), 80, 312e12),
-    GPU("l40s", ("L40S",), 48, 362e12),
-    GPU("l4", ("L4",), 24, 121e12),
-    GPU("a10g", ("A10G",), 24, 70e12),
-    GPU("a10", ("A10",), 24, 125e12),
-    GPU("4090", ("4090",), 24, 165e12),
-    GPU("v100", ("V100",), 16, 125e12),  # fp16: V100 has no bf16 units
-)
-GPUS = {g.key: g for g in GPU_TABLE}
-
-
-def gpu_of(device_name: str) -> GPU | None:
-    """The table entry of a CUDA device name (torch.cuda.get_device_name), or None."""
-    return next((g for g in GPU_TABLE if all(m in device_name for m in g.match)), None)
+class SizingError(ValueError):
+    """A configuration that cannot run at these sizes: a batch that does not split into micro-batches,
+    no device batch that fits, more tokens to read than the data holds. The message names what to change."""
 
 
 # ----- nanochat's GPU recipes (speedrun.sh, run1000.sh, README "Bigger models"; classic 790f3be) -----
@@ -204,13 +175,13 @@ def cpu_memory_budget(physical_bytes: int) -> int:
 def auto_device_batch(stage: str, candidates: list[int], need: Callable[[int], int], budget: int, where: str,
                       cpu: bool = False) -> int:
     """device_batch_size=auto: the largest candidate whose estimate fits budget (on CPU: at most
-    CPU_AUTO_MAX_ROWS rows); a ValueError naming the stage when not even the smallest fits."""
+    CPU_AUTO_MAX_ROWS rows); a SizingError naming the stage when not even the smallest fits."""
     if cpu:
         candidates = [b for b in candidates if b <= CPU_AUTO_MAX_ROWS] or [min(candidates)]
     pick = fit_device_batch(candidates, need, budget)
     if pick is None:
         smallest = min(candidates)
-        raise ValueError(f"{stage}.device_batch_size=auto: even {smallest} row(s) need about "
+        raise SizingError(f"{stage}.device_batch_size=auto: even {smallest} row(s) need about "
                          f"{need(smallest) / GiB:.1f} GiB, more than the {budget / GiB:.1f} GiB usable on {where}; "
                          "use more GPUs, a smaller model or shorter sequences")
     return pick
@@ -224,11 +195,11 @@ def divisors(n: int) -> list[int]:
 # ----- batches and steps -----
 
 def grad_accum(total: int, per_micro: int, total_name: str, micro_what: str) -> int:
-    """Micro-batches per optimizer step: total / per_micro, which must divide; else a ValueError
+    """Micro-batches per optimizer step: total / per_micro, which must divide; else a SizingError
     naming the fields, e.g. grad_accum(524288, 32*2048*3, "mid_train.total_batch_size",
     "device_batch_size x max_seq_len x ranks (32 x 2048 x 3)")."""
     if per_micro < 1 or total % per_micro:
-        raise ValueError(f"{total_name} ({total:,}) must be a multiple of {micro_what} = {per_micro:,}")
+        raise SizingError(f"{total_name} ({total:,}) must be a multiple of {micro_what} = {per_micro:,}")
     return total // per_micro
 
 

@@ -102,6 +102,7 @@ def test_opting_in_to_repeat_data_is_recorded(store):
     from types import SimpleNamespace
 
     from nanopipe.runner import StageContext
+    from nanopipe.sizing import SizingError
     from nanopipe.train.base import check_data, data_files, load_tokenizer
 
     cfg = load_config("tiny", UPSTREAM + TRAIN + ["base_train.allow_data_repeat=true"])
@@ -113,7 +114,7 @@ def test_opting_in_to_repeat_data_is_recorded(store):
     data = check_data(ctx, cfg.base_train, tok, data_files(ctx, "train"), steps)
     assert data["data_passes"] == pytest.approx(3, rel=1e-3)
     strict = SimpleNamespace(**{**cfg.base_train.model_dump(), "allow_data_repeat": False})
-    with pytest.raises(ValueError, match=r"3\.00 times: .* tokens short"):
+    with pytest.raises(SizingError, match=r"3\.00 times: .* tokens short"):
         check_data(ctx, strict, tok, data_files(ctx, "train"), steps)
     # the opt-in is part of base_train's config, so of its key and of the manifest it commits
     assert cfg.section("base_train")["allow_data_repeat"] is True

@@ -101,7 +101,7 @@ def test_auto_device_batch_fits_a_24gb_card_and_keeps_the_step():
 
 
 def test_auto_fails_clearly_when_nothing_fits():
-    with pytest.raises(ValueError, match=r"base_train.device_batch_size=auto: even 1 row\(s\) need about .* GiB"):
+    with pytest.raises(sizing.SizingError, match=r"base_train.device_batch_size=auto: even 1 row\(s\) need about .* GiB"):
         plan(load_config("d32", ["base_train.device_batch_size=auto"]), gpus=1, gpu="v100")
 
 

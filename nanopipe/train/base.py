@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from nanopipe import loading, sizing
-from nanopipe.config import ConfigError
 from nanopipe.data.loader import DataLoader, sample_chars_per_token, val_batches
 from nanopipe.eval.bpb import evaluate_bpb
 from nanopipe.device import compile_enabled, compute_dtype
@@ -77,7 +76,7 @@ def check_data(ctx: "StageContext", cfg, tok, files: list[str], steps: int) -> d
     needed = steps * cfg.total_batch_size
     passes = needed / max(available, 1)
     if passes > 1 and not cfg.allow_data_repeat:
-        raise ConfigError(
+        raise sizing.SizingError(
             f"base_train would read its training data {passes:.2f} times: {steps:,} steps x {cfg.total_batch_size:,} "
             f"tokens = {needed:,} tokens, but the data stage holds about {available:,} ({data['train_chars']:,} chars at "
             f"{chars_per_token:.2f} chars/token, measured on {chars:,} chars of its shards): {needed - available:,} "

@@ -25,7 +25,7 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
-from nanopipe import distcheck, loading, sizing
+from nanopipe import distcheck, gpus, loading, sizing
 from nanopipe.device import autocast_for, setup_device
 from nanopipe.faults import fault_point
 from nanopipe.progress import StageProgress, fmt_eta, numbers
@@ -85,10 +85,10 @@ def init_distributed(device_pref: str = "auto", threads: int | None = None, seed
 
 
 def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak FLOP/s of a CUDA device (sizing.GPU_TABLE), for MFU; None on CPU or an unknown GPU."""
+    """Dense bf16 peak FLOP/s of a CUDA device (nanopipe.gpus), for MFU; None on CPU or an unknown GPU."""
     if device.type != "cuda":
         return None
-    gpu = sizing.gpu_of(torch.cuda.get_device_name(device))
+    gpu = gpus.gpu_of(torch.cuda.get_device_name(device))
     return gpu.bf16_flops if gpu else None
 
 
