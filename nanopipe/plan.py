@@ -22,10 +22,11 @@ from nanopipe.gpus import GPUS
 from nanopipe.report import PRICE_PER_GPU_HOUR
 
 DEFAULT_GPU = "h100-80gb"
-DEFAULT_MFU = 0.40  # nanochat's classic d20 run reaches about 48% on H100s
+DEFAULT_MFU = 0.40  # a stated assumption; bench/gpu_check.py measures the real figure on one GPU
 # The data stage's rate on parquet input (FineWeb-like) when all its work shares one core: the CPU
 # rate bench/data_stage.py measures (61-92M chars per CPU-second on the 2-core test machine), the
-# lower end; a node with spare cores runs the shard writers beside the loop, faster (README "Data sizing").
+# lower end; a node with spare cores runs the shard writers beside the loop, faster (README, "Before the
+# GPU hours").
 DATA_STAGE_CHARS_PER_S = 60e6
 SHARD_BYTES_PER_CHAR = 0.40  # zstd parquet (nanochat: ~100 MB per 250M-char FineWeb-EDU file)
 CHAT_STAGES = ("mid_train", "sft")
