@@ -34,6 +34,8 @@ bench: setup
 	$(PY) bench/pipeline.py
 	$(PY) bench/train.py
 	$(PY) bench/inference.py
+	$(PY) bench/data_stage.py
+	$(PY) bench/gpu_check.py
 
 clean:
 	rm -rf .venv .setup-stamps rustbpe/target .prefect

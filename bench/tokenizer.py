@@ -94,7 +94,7 @@ def run_child(trainer: str, corpus: Path, vocab_size: int) -> dict:
 
 def load_corpus(chars: int) -> tuple[list[str], dict]:
     from nanopipe.data.sources import open_source
-    source = open_source({"kind": "sample", "max_chars": chars})
+    source = open_source({"kind": "sample", "max_chars": chars, "doc_chars": 10_000})
     return list(source.documents()), source.provenance()
 
 

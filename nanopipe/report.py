@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from nanopipe import lineage
 from nanopipe.dag import in_order
+from nanopipe.gpus import gpu_of
 from nanopipe.store import Store, output_digest
 
 MISSING = "-"
@@ -39,9 +40,13 @@ _CELL_SOURCES = {
     ("rl", "gsm8k"): [("chat_eval", "rl/gsm8k"), ("rl", "gsm8k_pass@1_after")],  # GSM8K pass@1 after RL
 }
 
-# Rough on-demand prices per GPU-hour in USD (nanochat's report uses the same Lambda prices).
-GPU_HOUR_USD = {"H100": 3.00, "A100": 1.79, "V100": 0.55}
-DEFAULT_GPU_HOUR_USD = 2.00
+# Rough on-demand USD per GPU-hour (Lambda's list where it has the GPU, else typical cloud prices), by
+# nanopipe.gpus key: the report's cost of a run and `nanopipe plan`'s estimate; report.gpu_hour_usd and
+# plan's --price-per-gpu-hour override them. nanochat's speedrun: 8 x H100 at $24/h.
+PRICE_PER_GPU_HOUR = {"h100-pcie": 2.49, "h100-80gb": 3.00, "h200": 3.79, "b200": 4.99, "a100-40gb": 1.29,
+                      "a100-80gb": 1.79, "l40s": 1.00, "l4": 0.70, "a10g": 1.00, "a10": 0.75, "4090": 0.40,
+                      "v100": 0.55}
+DEFAULT_GPU_HOUR_USD = 2.00  # a GPU without a price above
 
 
 class ReportError(ValueError):
@@ -179,7 +184,8 @@ def gpu_rate(gpus: list[str], gpu_hour_usd: float | None) -> float:
         return gpu_hour_usd * len(gpus)
     total = 0.0
     for name in gpus:
-        total += next((p for model, p in GPU_HOUR_USD.items() if model in name), DEFAULT_GPU_HOUR_USD)
+        gpu = gpu_of(name)
+        total += PRICE_PER_GPU_HOUR.get(gpu.key, DEFAULT_GPU_HOUR_USD) if gpu else DEFAULT_GPU_HOUR_USD
     return total
 
 

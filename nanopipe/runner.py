@@ -35,10 +35,11 @@ from typing import IO, Callable
 from pydantic import BaseModel
 
 from nanopipe.codeid import stage_code
-from nanopipe.config import RunConfig, TrackingConfig
+from nanopipe.config import ConfigError, RunConfig, TrackingConfig
 from nanopipe.faults import reset_faults
 from nanopipe.launch import LaunchError, die_with_parent, run_streaming, torchrun_command, training_env
 from nanopipe.progress import OnProgress, parse_progress, print_progress, read_progress
+from nanopipe.sizing import SizingError
 from nanopipe.stages import STAGES
 from nanopipe.store import Store, StageWriter, StoreError, output_digest, stage_key, writing
 from nanopipe.why import why
@@ -281,6 +282,8 @@ def run_pipeline(store: Store, cfg: RunConfig, order: list[str], force: list[str
 # ---- torchrun stages: the parent writes a launch spec, the child runs the body and commits ----
 
 ERROR_PREFIX = "nanopipe: error: "
+CONFIG_ERROR_PREFIX = "nanopipe: config error: "  # a setting the child found unusable (e.g. more steps than data)
+CONFIG_ERRORS = (ConfigError, SizingError)
 
 
 def launch_child(store: Store, cfg: RunConfig, name: str, key: str, upstream: dict[str, dict], log: Log,
@@ -316,9 +319,10 @@ def launch_child(store: Store, cfg: RunConfig, name: str, key: str, upstream: di
         run_streaming(cmd, log_path, on_line=on_line, env=training_env())
     except LaunchError as e:
         # The child's one-line store error (full disk, read-only store, damaged input) is the error here too.
-        said = [line.split(ERROR_PREFIX, 1)[1].strip() for line in e.tail if ERROR_PREFIX in line]
-        if said:
-            raise StoreError(f"{said[-1]} (stage {name}; full log: {log_path})") from None
+        for prefix, error in ((CONFIG_ERROR_PREFIX, ConfigError), (ERROR_PREFIX, StoreError)):
+            said = [line.split(prefix, 1)[1].strip() for line in e.tail if prefix in line]
+            if said:
+                raise error(f"{said[-1]} (stage {name}; full log: {log_path})") from None
         raise
     finally:
         if not store.is_local:  # keep the full log beside the stage's outputs (not part of the manifest)
@@ -355,8 +359,8 @@ def child_main(argv: list[str] | None = None) -> None:
             execute(store, a.stage, a.key, config, spec["upstream"], log=log, rank=rank, world_size=world,
                     code=spec.get("code"), on_progress=print_progress if rank == 0 else None,
                     tracking=TrackingConfig.model_validate(spec.get("tracking", {})))
-    except StoreError as e:  # one line the parent can show as it is (see launch_child)
-        print(f"{ERROR_PREFIX}{e}", flush=True)
+    except (StoreError, *CONFIG_ERRORS) as e:  # one line the parent can show as it is (see launch_child)
+        print(f"{CONFIG_ERROR_PREFIX if isinstance(e, CONFIG_ERRORS) else ERROR_PREFIX}{e}", flush=True)
         sys.exit(1)
     sys.stdout.flush()
 

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import math
 import os
+from typing import TYPE_CHECKING
 
-from nanopipe.config import TrackingConfig
 from nanopipe.store import wandb_dir
+
+if TYPE_CHECKING:  # a type only: the config module is not part of the training stages' code identity
+    from nanopipe.config import TrackingConfig
 
 
 class Tracker:
@@ -37,7 +40,7 @@ class Tracker:
         wandb.teardown()
 
 
-def start_tracking(cfg: TrackingConfig | None, stage: str, key: str, config: dict) -> Tracker | None:
+def start_tracking(cfg: "TrackingConfig | None", stage: str, key: str, config: dict) -> Tracker | None:
     """The W&B run of (stage, key) with the stage's config, or None when tracking is off."""
     if cfg is None or not cfg.wandb_project:
         return None

@@ -80,6 +80,45 @@ def test_loss_falls_and_manifest_is_complete(store, edited_source):
     dtype, why = fast_ns_dtype("cpu")  # what muon_ns_dtype=auto picks on this machine
     assert m["metrics"]["muon_ns_dtype"] == dtype_name(dtype)
     assert f"[base_train] Muon Newton-Schulz in {dtype_name(dtype)}: {why}" in p.stdout + p.stderr
+    # the data it read, against what the data stage holds: a small fraction of one pass, in the metrics and the log
+    passes = m["metrics"]["data_passes"]
+    assert 0 < passes < 0.1 and passes == pytest.approx(12 * 512 / m["metrics"]["tokens_available"], rel=1e-3)
+    assert f"{passes:.3f} passes" in p.stdout + p.stderr
+    assert (m["metrics"]["device_batch_size"], m["metrics"]["grad_accum"]) == (4, 2)
+
+
+def test_a_horizon_that_would_repeat_data_fails_before_any_work(store):
+    p = cli(store.url, "base_train.num_iterations=5000")  # 2.56M tokens; the data stage holds ~0.5M
+    assert p.returncode != 0
+    [last] = p.stderr.strip().splitlines()  # one line, no traceback
+    assert "tokens short" in last and "base_train.allow_data_repeat=true" in last and "data.source" in last, last
+    assert not store.manifests("base_train")
+    key, _ = built(store, "base_train.num_iterations=5000")
+    # not a step taken, not a checkpoint written: the work dir holds only the parent's launch spec
+    assert store.fs.find(store.work_dir("base_train", key)) == [store.launch_spec_path("base_train", key)]
+
+
+def test_opting_in_to_repeat_data_is_recorded(store):
+    from types import SimpleNamespace
+
+    from nanopipe.runner import StageContext
+    from nanopipe.sizing import SizingError
+    from nanopipe.train.base import check_data, data_files, load_tokenizer
+
+    cfg = load_config("tiny", UPSTREAM + TRAIN + ["base_train.allow_data_repeat=true"])
+    ups = {s: store.manifests(s)[0] for s in ("tokenizer", "data")}
+    ctx = StageContext(store, "base_train", "k", cfg.base_train, ups, writer=None)
+    tok = load_tokenizer(ctx)
+    available = check_data(ctx, cfg.base_train, tok, data_files(ctx, "train"), 1)["tokens_available"]
+    steps = 3 * available // 512
+    data = check_data(ctx, cfg.base_train, tok, data_files(ctx, "train"), steps)
+    assert data["data_passes"] == pytest.approx(3, rel=1e-3)
+    strict = SimpleNamespace(**{**cfg.base_train.model_dump(), "allow_data_repeat": False})
+    with pytest.raises(SizingError, match=r"3\.00 times: .* tokens short"):
+        check_data(ctx, strict, tok, data_files(ctx, "train"), steps)
+    # the opt-in is part of base_train's config, so of its key and of the manifest it commits
+    assert cfg.section("base_train")["allow_data_repeat"] is True
+    assert compute_key(cfg, "base_train", ups) != compute_key(load_config("tiny", UPSTREAM + TRAIN), "base_train", ups)
 
 
 def test_sigkill_then_rerun_is_bitwise_identical_and_upstream_cached(store, upstream_store, tmp_path, prefect_server):
@@ -181,7 +220,7 @@ def periodic_corpus(store, path, frac=0.02):
             f.write(json.dumps({"text": doc}) + "\n")
         for v in vals:
             f.write(json.dumps({"text": v}) + "\n")
-    return ["data.source.kind=local", f'data.source.paths=["{path}"]', "data.source.max_chars=null",
+    return ["data.source.kind=local", f'data.source.paths=["{path}"]', "data.source.max_chars=null", "data.source.doc_chars=null",
             "data.docs_per_shard=64", "data.row_group_size=8", f"data.val_fraction={frac}"]
 
 
@@ -220,7 +259,7 @@ def test_corrupt_checkpoint_is_reported_not_loaded(store):
 
 CHAT = ["mid_train.max_seq_len=64", "mid_train.device_batch_size=4", "mid_train.num_iterations=20",
         "mid_train.eval_every=0", "mid_train.threads=1", "sft.max_seq_len=64", "sft.device_batch_size=4",
-        "sft.grad_accum=2", "sft.num_iterations=20", "sft.eval_every=20", "sft.eval_batches=6", "sft.threads=1",
+        "sft.target_examples_per_step=8", "sft.num_iterations=20", "sft.eval_every=20", "sft.eval_batches=6", "sft.threads=1",
         "sft.init_lr_frac=0.5", 'mid_train.val_mixture=[{"task": "identity", "args": {"size": 20, "split": "test"}}]',
         'sft.val_mixture=[{"task": "identity", "args": {"size": 24, "split": "test"}}]']
 

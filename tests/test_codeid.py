@@ -120,6 +120,8 @@ def test_real_closures_hold_what_the_stages_import():
     assert {"nanopipe.tokenizer", "nanopipe.train.common", "nanopipe.eval.chat"} <= closure["chat_eval"]
     assert all("nanopipe.stages" not in c and "nanopipe.runner" not in c for s, c in closure.items() if s != "report")
     assert closure["setup"] == {"nanopipe.stages.setup"}
+    # a stage gets its settings as data: the config module (presets, defaults) is no stage's code
+    assert all("nanopipe.config" not in c for c in closure.values())
 
 
 def test_real_edit_of_train_common_changes_exactly_the_training_and_eval_stages(edited_source):

@@ -16,9 +16,9 @@ def test_d20_is_the_seed_recipe():
 
 
 def test_dotted_overrides_parse_json_values():
-    cfg = load_config("tiny", ["base_train.depth=6", "data.num_shards=4", "tokenizer.source.kind=local",
+    cfg = load_config("tiny", ["base_train.depth=6", "data.docs_per_shard=4", "tokenizer.source.kind=local",
                                'tokenizer.source.paths=["a.txt"]', "base_train.compile=true"])
-    assert cfg.base_train.depth == 6 and cfg.data.num_shards == 4
+    assert cfg.base_train.depth == 6 and cfg.data.docs_per_shard == 4
     assert cfg.tokenizer.source.paths == ["a.txt"] and cfg.base_train.compile is True
 
 
@@ -29,7 +29,7 @@ def test_dotted_overrides_parse_json_values():
     ("nosection.x=1", "no field 'nosection'"),
     ("depth=3", "section.field"),
     ("base_train.depth", "section.field=value"),
-    ("data.num_shards.x=1", "is a value, not a section"),
+    ("data.docs_per_shard.x=1", "is a value, not a section"),
     ("tokenizer.vocab_size=100", "tokenizer.vocab_size"),
 ])
 def test_bad_values_name_the_field(override, needle):
@@ -43,6 +43,14 @@ def test_unknown_preset():
 
 
 def test_overrides_touch_only_their_section_and_not_the_presets():
-    cfg = load_config("tiny", ["data.source.kind=local", 'data.source.paths=["x.txt"]'])
+    cfg = load_config("tiny", ["data.source.kind=local", 'data.source.paths=["x.txt"]', "data.source.doc_chars=null"])
     assert cfg.data.source.kind == "local" and cfg.tokenizer.source.kind == "sample"
     assert load_config("tiny").data.source.kind == "sample"
+
+
+def test_pretraining_documents_are_never_truncated():
+    # the sample's doc_chars splits its long works into pieces (nothing is lost); any other source's would cut
+    with pytest.raises(ConfigError, match=r"would truncate local pretraining documents .* data.source.doc_chars=null"):
+        load_config("tiny", ["data.source.kind=local", 'data.source.paths=["x.txt"]'])
+    for preset in ("d20", "d26", "d32"):
+        assert load_config(preset).data.source.doc_chars is None

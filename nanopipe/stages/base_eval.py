@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from nanopipe import loading
+from nanopipe import loading, sizing
+from nanopipe.device import compute_dtype
 from nanopipe.engine import Engine
 from nanopipe.eval.core import evaluate_core
 from nanopipe.eval.core_data import core_bundle, load_eval_bundle
 from nanopipe.progress import StageProgress
 from nanopipe.train.base import load_token_bytes, val_bpb
-from nanopipe.train.common import init_distributed
+from nanopipe.train.common import init_distributed, pick_device_batch
 
 if TYPE_CHECKING:
     from nanopipe.runner import StageContext
@@ -47,9 +48,11 @@ def run(ctx: "StageContext") -> dict:
     watch = StageProgress(ctx, len(PHASES))  # progress by phase: bits per byte, samples, CORE
     watch.update(0, force=True, phase=PHASES[0])
 
+    B = pick_device_batch(d, "base_eval", cfg.device_batch_size, sizing.EVAL_DEVICE_BATCHES,
+                          lambda b: sizing.eval_memory(model.config, b, seq, compute_dtype(d.device).itemsize)["total"],
+                          log)
     with torch.no_grad(), d.autocast():
-        bpb, tokens = val_bpb(ctx, model, tok, load_token_bytes(ctx).to(d.device), d, cfg.device_batch_size, seq,
-                              cfg.eval_tokens)
+        bpb, tokens = val_bpb(ctx, model, tok, load_token_bytes(ctx).to(d.device), d, B, seq, cfg.eval_tokens)
     log(f"[base_eval] val bpb {bpb:.4f} over {tokens:,} tokens")
     watch.update(1, {"val_bpb": bpb}, force=True, phase=PHASES[1])
 

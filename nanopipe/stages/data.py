@@ -1,9 +1,14 @@
 """Stage 3: pretraining data — parquet shards with a `text` column, plus a validation shard.
 
 Documents stream from the source in a deterministic order; each is sent to train or val by a
-content hash. Train documents are cut into shards of `docs_per_shard` and written in parallel.
-Each finished shard appears atomically, so after a crash a rerun adopts the shards already
-written and writes only the missing ones.
+content hash (validation documents past max_val_docs go to train: nothing is dropped). Every
+document the source yields is kept whole (the source's num_files or max_chars says how much
+text; a max_chars budget ends after the document that reaches it), in train shards of
+`docs_per_shard` written in parallel. Each finished shard appears atomically, so after a crash a
+rerun adopts the shards already written and writes only the missing ones.
+
+The metrics count train characters and documents: base_train turns them into the tokens it can
+read (with its tokenizer's chars/token) and refuses a horizon that would repeat them.
 """
 
 from __future__ import annotations
@@ -55,23 +60,20 @@ def run(ctx: "StageContext") -> dict:
         pending = []
 
     with ThreadPoolExecutor(cfg.workers) as pool:
-        for doc in source.documents():
-            if not doc.strip():
+        for doc in source.documents(whole=True):
+            if doc.isspace():
                 continue
-            if is_validation(doc, cfg.val_fraction):
-                if len(val_docs) < cfg.max_val_docs:
-                    val_docs.append(doc)
-                    stats["val_docs"] += 1
-                    stats["val_chars"] += len(doc)
+            if len(val_docs) < cfg.max_val_docs and is_validation(doc, cfg.val_fraction):
+                val_docs.append(doc)
+                stats["val_docs"] += 1
+                stats["val_chars"] += len(doc)
                 continue
             pending.append(doc)
             stats["train_docs"] += 1
             stats["train_chars"] += len(doc)
             if len(pending) == cfg.docs_per_shard:
                 flush(pool)
-                if n_shards == cfg.num_shards:
-                    break
-        if pending and n_shards < cfg.num_shards:
+        if pending:
             flush(pool)
         for f in futures:
             f.result()  # surface write errors
@@ -86,7 +88,8 @@ def run(ctx: "StageContext") -> dict:
         w.put_file(tmp, shard_name("val", 0))
     w.write_json("provenance.json", source.provenance())
     secs = time.time() - t0
+    chars_per_s = (stats["train_chars"] + stats["val_chars"]) / max(secs, 1e-9)
     ctx.log(f"[data] {n_shards} train shards ({stats['shards_written']} written, {stats['shards_reused']} reused), "
-            f"{stats['train_docs']:,} train / {stats['val_docs']:,} val docs, "
-            f"{(stats['train_chars'] + stats['val_chars']) / max(secs, 1e-9) / 1e6:.1f} M chars/s")
-    return {"train_shards": n_shards, **stats}
+            f"{stats['train_docs']:,} train / {stats['val_docs']:,} val docs, {stats['train_chars']:,} train chars "
+            f"in {secs:.1f}s: {chars_per_s / 1e6:.1f} M chars/s")
+    return {"train_shards": n_shards, **stats, "chars_per_s": round(chars_per_s)}

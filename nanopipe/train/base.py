@@ -1,5 +1,8 @@
 """Base pretraining (nanochat's base_train): Muon + AdamW, gradient accumulation, Chinchilla horizon.
 
+Before any training work the run checks its data (check_data: the horizon's tokens against what the
+data stage holds; data_passes is in the metrics) and resolves device_batch_size=auto.
+
 Runs inside a torchrun child (see nanopipe/runner.py). Rank 0 logs and writes shared files;
 every rank saves its own optimizer and RNG state into the checkpoint. A rerun of the same
 stage key resumes from the newest complete checkpoint and ends with bitwise the same weights
@@ -15,14 +18,14 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
-from nanopipe.data.loader import DataLoader, val_batches
+from nanopipe import loading, sizing
+from nanopipe.data.loader import DataLoader, sample_chars_per_token, val_batches
 from nanopipe.eval.bpb import evaluate_bpb
-from nanopipe import loading
-from nanopipe.device import compile_enabled
+from nanopipe.device import compile_enabled, compute_dtype
 from nanopipe.model import GPT, GPTConfig
 from nanopipe.tokenizer import Tokenizer
-from nanopipe.train.common import (Dist, LoopSpec, init_distributed, loop_metrics, loss_curve, save_model, supervised_step,
-                                   train_loop)
+from nanopipe.train.common import (Dist, LoopSpec, init_distributed, loop_metrics, loss_curve, pick_device_batch,
+                                   save_model, supervised_step, train_loop)
 
 if TYPE_CHECKING:
     from nanopipe.runner import StageContext
@@ -60,13 +63,26 @@ def val_bpb(ctx: "StageContext", fwd, tok, token_bytes: torch.Tensor, d: Dist, B
     return evaluate_bpb(fwd, batches, token_bytes, d.device), n * B * T * d.world_size
 
 
-def horizon(cfg, num_params: int, flops_per_token: float) -> int:
-    """Steps to train: explicit, from a FLOP budget, or from tokens per parameter (Chinchilla: 20)."""
-    if cfg.num_iterations > 0:
-        return cfg.num_iterations
-    if cfg.target_flops > 0:
-        return max(1, round(cfg.target_flops / (flops_per_token * cfg.total_batch_size)))
-    return max(1, round(cfg.target_param_data_ratio * num_params / cfg.total_batch_size))
+def check_data(ctx: "StageContext", cfg, tok, files: list[str], steps: int) -> dict:
+    """The data the run will read, against what the data stage holds, before any training work.
+
+    Tokens available = the data stage's train characters / chars per token, measured with this
+    tokenizer on a sample of the shards (sample_chars_per_token), + one BOS per document. A run that
+    needs more (data_passes > 1) raises, naming the shortfall, unless base_train.allow_data_repeat."""
+    data = ctx.upstream["data"]["metrics"]
+    chars, tokens = sample_chars_per_token(files, tok, resolve=shard_path(ctx))
+    chars_per_token = chars / max(tokens, 1)
+    available = round(data["train_chars"] / chars_per_token) + data["train_docs"]
+    needed = steps * cfg.total_batch_size
+    passes = needed / max(available, 1)
+    if passes > 1 and not cfg.allow_data_repeat:
+        raise sizing.SizingError(
+            f"base_train would read its training data {passes:.2f} times: {steps:,} steps x {cfg.total_batch_size:,} "
+            f"tokens = {needed:,} tokens, but the data stage holds about {available:,} ({data['train_chars']:,} chars at "
+            f"{chars_per_token:.2f} chars/token, measured on {chars:,} chars of its shards): {needed - available:,} "
+            f"tokens short. Give the data stage more text (data.source.num_files or max_chars), train fewer steps "
+            f"(base_train.num_iterations or target_param_data_ratio), or repeat on purpose: base_train.allow_data_repeat=true")
+    return {"data_passes": round(passes, 4), "tokens_available": available, "chars_per_token": round(chars_per_token, 4)}
 
 
 def train(ctx: "StageContext") -> dict:
@@ -75,29 +91,35 @@ def train(ctx: "StageContext") -> dict:
     log = ctx.log
 
     tok = load_tokenizer(ctx)
-    token_bytes = load_token_bytes(ctx).to(d.device)
     train_files = data_files(ctx, "train")
-
     mcfg = GPTConfig.from_depth(cfg.depth, tok.vocab_size, cfg.sequence_len, cfg.head_dim, cfg.n_kv_head)
+    num_params, flops_per_token = sizing.num_params(mcfg), sizing.flops_per_token(mcfg)
+    steps = sizing.base_steps(cfg.num_iterations, cfg.target_flops, cfg.target_param_data_ratio, num_params,
+                              flops_per_token, cfg.total_batch_size)
+    data = check_data(ctx, cfg, tok, train_files, steps)
+    log(f"[base_train] data: {steps * cfg.total_batch_size:,} of about {data['tokens_available']:,} tokens "
+        f"({data['chars_per_token']:.2f} chars/token measured): {data['data_passes']:.3f} passes"
+        f"{' (repeat allowed)' if data['data_passes'] > 1 else ''}")
+
+    use_compile = compile_enabled(cfg.compile, d.device)
+    B = pick_device_batch(d, "base_train", cfg.device_batch_size,
+                          sizing.divisors(cfg.total_batch_size // (cfg.sequence_len * d.world_size) or 1),
+                          lambda b: sizing.train_memory(mcfg, b, cfg.sequence_len, compute_dtype(d.device).itemsize,
+                                                        use_compile)["total"],
+                          log)
+    grad_accum = sizing.token_grad_accum("base_train", cfg.total_batch_size, B, cfg.sequence_len, d.world_size,
+                                         "sequence_len")
+    token_bytes = load_token_bytes(ctx).to(d.device)
     with torch.device("meta"):
         model = GPT(mcfg)
     model.to_empty(device=d.device)
     model.init_weights(seed=cfg.seed)
-    num_params, flops_per_token = model.num_params(), model.estimate_flops()
     optimizers = model.setup_optimizers(cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.weight_decay,
                                         ns_dtype=cfg.muon_ns_dtype)
-    use_compile = compile_enabled(cfg.compile, d.device)
     fwd = torch.compile(model, dynamic=False) if use_compile else model
-
-    tokens_per_micro = cfg.device_batch_size * cfg.sequence_len * d.world_size
-    if cfg.total_batch_size % tokens_per_micro:
-        raise ValueError(f"base_train.total_batch_size ({cfg.total_batch_size}) must be a multiple of "
-                         f"device_batch_size x sequence_len x ranks ({tokens_per_micro})")
-    grad_accum = cfg.total_batch_size // tokens_per_micro
-    steps = horizon(cfg, num_params, flops_per_token)
     log(f"[base_train] model {mcfg} | {num_params:,} params | {flops_per_token:.3e} FLOPs/token")
     log(f"[base_train] {steps} steps x {cfg.total_batch_size:,} tokens = {steps * cfg.total_batch_size:,} tokens "
-        f"({steps * cfg.total_batch_size / num_params:.1f} per param) | grad accum {grad_accum} | "
+        f"({steps * cfg.total_batch_size / num_params:.1f} per param) | device batch {B} x grad accum {grad_accum} | "
         f"{d.world_size} rank(s) on {d.device}{' + compile' if use_compile else ''}")
     log(f"[base_train] {optimizers[1].describe()}")
 
@@ -105,15 +127,15 @@ def train(ctx: "StageContext") -> dict:
                     cfg.final_lr_frac, cfg.eval_every, cfg.checkpoint_every, cfg.keep_checkpoints, "val_bpb")
 
     def evaluate(step: int) -> tuple[float, str]:
-        bpb, _ = val_bpb(ctx, fwd, tok, token_bytes, d, cfg.device_batch_size, cfg.sequence_len, cfg.eval_tokens)
+        bpb, _ = val_bpb(ctx, fwd, tok, token_bytes, d, B, cfg.sequence_len, cfg.eval_tokens)
         return bpb, f"val_bpb {bpb:.4f}"
 
-    with DataLoader(train_files, tok, cfg.device_batch_size, cfg.sequence_len, rank=d.rank, world_size=d.world_size,
+    with DataLoader(train_files, tok, B, cfg.sequence_len, rank=d.rank, world_size=d.world_size,
                     device=d.device, resolve=shard_path(ctx)) as batches:
         state = train_loop(ctx, d, spec, model, optimizers, supervised_step(d, fwd, batches, grad_accum), evaluate,
                            log, data=batches)
     metrics = {**loop_metrics(spec, state, d), "params": num_params, "flops_per_token": flops_per_token,
-               "muon_ns_dtype": optimizers[1].ns_dtype_name}
+               "device_batch_size": B, "grad_accum": grad_accum, "muon_ns_dtype": optimizers[1].ns_dtype_name, **data}
     if d.is_master:
         save_model(ctx.writer, model, depth=cfg.depth)
         ctx.writer.write_json("loss_curve.json", {"train": loss_curve(state), "val_bpb": state["val"]})

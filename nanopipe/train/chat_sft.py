@@ -7,6 +7,10 @@ what differs between them is configuration (mixture, packing, LRs) and the model
 - sft pads: one conversation per row, rows never cross conversations, lengths as at inference.
 Both train only on what the assistant says (the chat.render_conversation mask), resume
 exactly from checkpoints, and report loss on held-out conversations.
+
+Batches as nanochat's: a mid_train step is total_batch_size tokens (524,288), an sft step
+target_examples_per_step conversations (32), over all ranks; gradient accumulation makes up what
+device batch x ranks (x sequence length) do not (chat_batch).
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from nanopipe import sizing
 from nanopipe.chat import render_conversation
-from nanopipe.device import compile_enabled
+from nanopipe.device import compile_enabled, compute_dtype
 from nanopipe.tasks import Mixture, make_task
-from nanopipe.train.common import (LoopSpec, init_distributed, loop_metrics, loss_curve, save_model, supervised_step,
-                                   train_loop, warm_start)
+from nanopipe.train.common import (LoopSpec, init_distributed, loop_metrics, loss_curve, pick_device_batch, save_model,
+                                   supervised_step, train_loop, warm_start)
 
 if TYPE_CHECKING:
     from nanopipe.runner import StageContext
@@ -124,6 +129,18 @@ def chat_loss(model, convs, tok, B: int, T: int, rank: int, world: int, device, 
     return (total[0] / total[1].clamp(min=1)).item()
 
 
+def chat_batch(d, stage: str, cfg, mcfg, T: int, compiled: bool, log) -> tuple[int, int]:
+    """(device batch, gradient accumulation) of a chat stage, as nanochat computes them: mid_train's
+    step is total_batch_size tokens (rows of T), sft's is target_examples_per_step conversations;
+    either is split over device batch x ranks, which must divide it (an "auto" device batch does)."""
+    per_rank = cfg.total_batch_size // (T * d.world_size) if stage == "mid_train" else cfg.target_examples_per_step // d.world_size
+    need = lambda b: sizing.train_memory(mcfg, b, T, compute_dtype(d.device).itemsize, compiled)["total"]
+    B = pick_device_batch(d, stage, cfg.device_batch_size, sizing.divisors(max(per_rank, 1)), need, log)
+    if stage == "mid_train":
+        return B, sizing.token_grad_accum(stage, cfg.total_batch_size, B, T, d.world_size, "max_seq_len")
+    return B, sizing.row_grad_accum(stage, cfg.target_examples_per_step, B, d.world_size)
+
+
 def train(ctx: "StageContext") -> dict:
     """Warm-start from the upstream stage's model and train on the configured mixture."""
     cfg = ctx.config
@@ -131,33 +148,35 @@ def train(ctx: "StageContext") -> dict:
     log = ctx.log
     parent, tok, model, optimizers = warm_start(ctx, d)
     T = min(cfg.max_seq_len, model.config.sequence_len)
-    fwd = torch.compile(model, dynamic=True) if compile_enabled(cfg.compile, d.device) else model
+    use_compile = compile_enabled(cfg.compile, d.device)
+    fwd = torch.compile(model, dynamic=True) if use_compile else model
+    B, grad_accum = chat_batch(d, ctx.stage, cfg, model.config, T, use_compile, log)
 
     train_set = build_mixture(cfg.mixture, cfg.seed)
     val_set = build_mixture(cfg.val_mixture, cfg.seed + 1)
-    rows_per_step = cfg.device_batch_size * d.world_size * cfg.grad_accum
-    if cfg.num_iterations > 0:
-        steps = cfg.num_iterations
-    elif cfg.packing == "pad":
-        steps = max(1, len(train_set) // rows_per_step)  # one epoch of the mixture
+    rows_per_step = B * d.world_size * grad_accum
+    if cfg.packing == "pad" or cfg.num_iterations > 0:
+        steps = sizing.sft_steps(len(train_set), rows_per_step, cfg.num_iterations)  # one epoch of the mixture
     else:
         tokens = sum(len(render_conversation(tok, train_set[i], max_tokens=T + 1)[0]) for i in range(len(train_set)))
-        steps = max(1, tokens // (rows_per_step * T))
+        steps = sizing.mid_steps(tokens, rows_per_step * T, cfg.num_iterations)
     log(f"[{ctx.stage}] from {parent} {ctx.upstream[parent]['key'][:16]} | {len(train_set):,} conversations "
-        f"({cfg.packing}) | {steps} steps x {rows_per_step} rows of <= {T} tokens | {len(val_set):,} held out")
+        f"({cfg.packing}) | {steps} steps x {rows_per_step} rows of <= {T} tokens (device batch {B} x grad accum "
+        f"{grad_accum} x {d.world_size} rank(s)) | {len(val_set):,} held out")
     log(f"[{ctx.stage}] {optimizers[1].describe()}")
 
     spec = LoopSpec(ctx.stage, steps, model.estimate_flops(), cfg.grad_clip, cfg.warmup_ratio, cfg.warmdown_ratio,
                     cfg.final_lr_frac, cfg.eval_every, cfg.checkpoint_every, cfg.keep_checkpoints, "val_loss")
 
     def evaluate(step: int) -> tuple[float, str]:
-        loss = chat_loss(model, val_set, tok, cfg.device_batch_size, T, d.rank, d.world_size, d.device, cfg.eval_batches)
+        loss = chat_loss(model, val_set, tok, B, T, d.rank, d.world_size, d.device, cfg.eval_batches)
         return loss, f"val_loss {loss:.4f}"
 
-    batches = ConversationBatches(train_set, tok, cfg.device_batch_size, T, d.rank, d.world_size, d.device, cfg.packing)
-    state = train_loop(ctx, d, spec, model, optimizers, supervised_step(d, fwd, batches, cfg.grad_accum), evaluate,
+    batches = ConversationBatches(train_set, tok, B, T, d.rank, d.world_size, d.device, cfg.packing)
+    state = train_loop(ctx, d, spec, model, optimizers, supervised_step(d, fwd, batches, grad_accum), evaluate,
                        log, data=batches)
-    metrics = {**loop_metrics(spec, state, d), "conversations": len(train_set),
+    metrics = {**loop_metrics(spec, state, d), "conversations": len(train_set), "device_batch_size": B,
+               "grad_accum": grad_accum,
                "muon_ns_dtype": optimizers[1].ns_dtype_name,
                "val_loss_start": state["val"][0][1] if state["val"] else None}
     if d.is_master:

@@ -25,7 +25,7 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
-from nanopipe import distcheck, loading
+from nanopipe import distcheck, gpus, loading, sizing
 from nanopipe.device import autocast_for, setup_device
 from nanopipe.faults import fault_point
 from nanopipe.progress import StageProgress, fmt_eta, numbers
@@ -36,9 +36,6 @@ if TYPE_CHECKING:
     from nanopipe.runner import StageContext
 
 COMPLETE = "COMPLETE"
-
-# Dense bf16 peak FLOP/s of common accelerators, for MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
 
 
 @dataclass
@@ -88,10 +85,35 @@ def init_distributed(device_pref: str = "auto", threads: int | None = None, seed
 
 
 def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak FLOP/s of a CUDA device (nanopipe.gpus), for MFU; None on CPU or an unknown GPU."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    gpu = gpus.gpu_of(torch.cuda.get_device_name(device))
+    return gpu.bf16_flops if gpu else None
+
+
+def pick_device_batch(d: Dist, stage: str, value: int | str, candidates: list[int], need: Callable[[int], int],
+                      log=print) -> int:
+    """A configured device batch as it is; "auto": sizing.auto_device_batch against this device: the
+    CUDA device's memory less sizing.memory_budget's headroom, on CPU sizing.cpu_memory_budget.
+    Every rank takes the smallest pick of all ranks."""
+    if value != "auto":
+        return int(value)
+    cuda = d.device.type == "cuda"
+    if cuda:
+        total = torch.cuda.get_device_properties(d.device).total_memory
+        budget, where = sizing.memory_budget(total), f"{torch.cuda.get_device_name(d.device)} ({total / sizing.GiB:.0f} GiB)"
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        budget, where = sizing.cpu_memory_budget(total), f"this CPU ({total / sizing.GiB:.0f} GiB)"
+    pick = sizing.auto_device_batch(stage, candidates, need, budget, where, cpu=not cuda)
+    if d.world_size > 1:
+        agreed = torch.tensor([pick], dtype=torch.long, device=d.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        pick = int(agreed.item())
+    log(f"[{stage}] device_batch_size=auto: {pick} rows (estimated peak {need(pick) / sizing.GiB:.2f} GiB of "
+        f"{budget / sizing.GiB:.1f} GiB usable on {where})")
+    return pick
 
 
 def lr_multiplier(step: int, total: int, warmup_ratio: float, warmdown_ratio: float, final_frac: float) -> float:
@@ -280,21 +302,25 @@ StepFn = Callable[[int], StepOut]
 
 def supervised_step(d: Dist, fwd, batches, grad_accum: int) -> StepFn:
     """The step of base, mid and SFT training: grad_accum micro-batches of next-token loss from
-    `batches`; the loss is the mean over micro-batches and ranks."""
+    `batches`, each the mean over its target tokens (targets -1 are ignored) and weighted 1/grad_accum,
+    as nanochat does. A micro-batch without any target (a chat batch whose assistant turns were all
+    cropped) adds nothing: its loss is 0, not the NaN of a mean over zero tokens, which would ruin the
+    weights. The step's loss is the mean over the micro-batches with targets, on all ranks."""
     def step(_: int) -> StepOut:
-        step_loss = torch.zeros((), device=d.device)
+        loss_and_count = torch.zeros(2, device=d.device)  # sum of micro-batch losses, micro-batches with targets
         tokens = torch.zeros((), dtype=torch.long, device=d.device)
         for _ in range(grad_accum):
             x, y = next(batches)
+            targets = (y >= 0).sum()
             with d.autocast():
-                loss = fwd(x, y)
+                loss = fwd(x, y, loss_reduction="sum") / targets.clamp(min=1)
             (loss / grad_accum).backward()
-            step_loss += loss.detach() / grad_accum
+            loss_and_count += torch.stack([loss.detach().float(), (targets > 0).float()])
             tokens += x.numel()
         if d.world_size > 1:
-            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+            dist.all_reduce(loss_and_count)
             dist.all_reduce(tokens)
-        return StepOut(step_loss, tokens)
+        return StepOut(loss_and_count[0] / loss_and_count[1].clamp(min=1), tokens)
     return step
 
 
