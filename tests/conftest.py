@@ -33,10 +33,10 @@ TRAIN = ["base_train.depth=1", "base_train.head_dim=32", "base_train.sequence_le
          "base_train.checkpoint_every=4", "base_train.eval_every=4", "base_train.eval_tokens=512",
          "base_train.threads=1"]
 
-# A base_train that would run for many minutes, checkpointing every 10 steps, on two ranks: the cancel
-# and kill tests stop it midway (and its rerun, once it has resumed).
-LONG_TRAIN = TRAIN + ["base_train.num_iterations=5000", "base_train.checkpoint_every=10", "base_train.eval_every=0",
-                      "base_train.nproc_per_node=2"]
+# A base_train that would run for many minutes (over the small data many times), checkpointing every 10
+# steps, on two ranks: the cancel and kill tests stop it midway (and its rerun, once it has resumed).
+LONG_TRAIN = TRAIN + ["base_train.num_iterations=5000", "base_train.allow_data_repeat=true",
+                      "base_train.checkpoint_every=10", "base_train.eval_every=0", "base_train.nproc_per_node=2"]
 
 
 def sets(overrides) -> list[str]:
