@@ -1,4 +1,5 @@
-"""One Prefect task for every stage, plus the artifacts each stage publishes.
+"""One Prefect task for every stage, plus the artifacts each stage publishes, the device slot
+device work holds, and what stops a cancelled run's processes.
 
 The task body is nanopipe.runner.run_stage: it is the same code that `python -m nanopipe stage`
 runs without Prefect. Prefect adds the cache (StoreKeyPolicy), retries, logs and artifacts.
@@ -11,6 +12,7 @@ import json
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,10 +21,16 @@ from prefect.artifacts import (create_link_artifact, create_markdown_artifact, c
                                create_table_artifact, update_progress_artifact)
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import ArtifactUpdate
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+from prefect.concurrency.context import ConcurrencyContext
 from prefect.concurrency.sync import concurrency
+from prefect.context import TaskRunContext
 from prefect.filesystems import WritableFileSystem
+from prefect.states import Cancelled
 
+from nanopipe.artifacts import artifact_key
 from nanopipe.config import RunConfig
+from nanopipe.launch import LaunchCancelled, terminate_all
 from nanopipe.progress import fmt_eta
 from nanopipe.report import artifact_markdown
 from nanopipe.runner import run_stage, stage_module
@@ -35,11 +43,6 @@ RESULT_TABLES = {"core.json": lambda d: d["tasks"], "chat_eval.json": lambda d: 
 # Stages that read remote sources: their failures may be transient network errors.
 _NETWORK_STAGES = {"tokenizer", "data"}
 _TRANSIENT = (ConnectionError, TimeoutError)
-
-
-def artifact_key(stage: str, kind: str) -> str:
-    """Prefect artifact keys: lowercase letters, digits and dashes; grouped by stage."""
-    return f"{stage.replace('_', '-')}-{kind}"
 
 
 def publish_artifacts(store: Store, manifest: dict) -> None:
@@ -162,17 +165,141 @@ def _transient(task, task_run, state) -> bool:
 # training/eval stages at once (base_eval beside mid_train) would fight over its GPUs or, on CPU,
 # oversubscribe its cores (each rank takes cores / ranks threads): 10x slower there, not faster.
 _DEVICES = threading.Lock()
+_device_user: list[str] = []  # who holds _DEVICES, for the waiting message
+
+GPU_LIMIT = "gpu"  # the global concurrency limit of device work (deployments/pools.yaml)
+# The server's shortest lease: the slot of a holder that died without releasing it (a SIGKILLed
+# engine) is free again within about a minute (plus the server's 15 s sweep), not five.
+GPU_LEASE_S = 60
+GPU_TRY_S = 2.0  # how long a stage waits for a slot before saying so
 
 
 @contextlib.contextmanager
-def device_slot(stage: str) -> Iterator[None]:
-    """Held while a torchrun stage runs: this process's device lock and a slot of the global
-    "gpu" concurrency limit (across workers; a no-op where that limit does not exist)."""
-    if getattr(stage_module(stage), "LAUNCH", None) != "torchrun":
+def device_slot(user: str, log=print) -> Iterator[None]:
+    """Held while device work runs (a torchrun stage, the nightly eval): this process's device lock and
+    a slot of the global "gpu" concurrency limit (across workers; a no-op where that limit does not
+    exist). Waiting for either is logged, with what holds it."""
+    if not _DEVICES.acquire(blocking=False):
+        log(f"[{user}] waiting for this process's device: {', '.join(_device_user) or 'another stage'} is using it")
+        _DEVICES.acquire()
+    _device_user[:] = [user]
+    try:
+        with _gpu_slot(user, log):
+            yield
+    finally:
+        _device_user.clear()
+        _DEVICES.release()
+
+
+@contextlib.contextmanager
+def _gpu_slot(user: str, log) -> Iterator[None]:
+    ctx = TaskRunContext.get()
+    opts = {"occupy": 1, "lease_duration": GPU_LEASE_S,
+            "holder": ConcurrencyLeaseHolder(type="task_run", id=ctx.task_run.id) if ctx else None}
+    # Said from a timer, not after a first try with a timeout: Prefect logs a timed-out try as an error.
+    waiting = threading.Timer(GPU_TRY_S, lambda: log(
+        f"[{user}] waiting for a slot of the global concurrency limit {GPU_LIMIT!r} ({_gpu_usage()}): "
+        "device work of another run holds it"))
+    waiting.daemon = True
+    with contextlib.ExitStack() as held:
+        leases = held.enter_context(ConcurrencyContext())  # where Prefect records the lease it grants
+        waiting.start()
+        try:
+            held.enter_context(concurrency(GPU_LIMIT, **opts))
+        finally:
+            waiting.cancel()
+        if leases.cleanup_lease_ids and ctx is not None:
+            held.enter_context(_lease_label(ctx.task_run, leases.cleanup_lease_ids[-1]))
         yield
-        return
-    with _DEVICES, concurrency("gpu", occupy=1):
+
+
+LEASE_LABEL = "nanopipe.gpu-lease."  # + task run id: a flow run label naming a gpu lease it holds
+RELEASED = "released"
+
+
+@contextlib.contextmanager
+def _lease_label(task_run, lease_id) -> Iterator[None]:
+    """Name the lease on the flow run while it is held, so that release_dead_leases can release it
+    when the run's process dies without releasing anything (SIGKILL)."""
+    key = LEASE_LABEL + str(task_run.id)
+    with get_client(sync_client=True) as client:
+        client.update_flow_run_labels(task_run.flow_run_id, {key: str(lease_id)})
+    try:
         yield
+    finally:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run_labels(task_run.flow_run_id, {key: RELEASED})
+
+
+def release_dead_leases(flow=None, flow_run=None, state=None) -> None:
+    """on_crashed hook: release the `gpu` slots a crashed flow run still holds. A process worker runs
+    it when the run's process dies (a SIGKILLed engine releases nothing itself), so the slot comes
+    back at once instead of when its lease expires."""
+    with get_client(sync_client=True) as client:
+        labels = client.read_flow_run(flow_run.id).labels
+        for key, lease in labels.items():
+            if key.startswith(LEASE_LABEL) and lease != RELEASED:
+                try:
+                    client.release_concurrency_slots_with_lease(lease_id=uuid.UUID(str(lease)))
+                except Exception:  # released or expired meanwhile
+                    pass
+                client.update_flow_run_labels(flow_run.id, {key: RELEASED})
+
+
+def _gpu_usage() -> str:
+    try:
+        with get_client(sync_client=True) as client:
+            limit = client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+        return f"{limit.active_slots} of {limit.limit} slots in use"
+    except Exception as e:  # only for the message
+        return f"usage unknown: {type(e).__name__}"
+
+
+def uses_device(stage: str) -> bool:
+    """Stages whose work runs on the device (GPUs, or all of a CPU host's cores): the torchrun stages."""
+    return getattr(stage_module(stage), "LAUNCH", None) == "torchrun"
+
+
+# ----- a cancelled run stops its processes -----
+
+CANCEL_POLL_S = 2.0
+
+
+def stop_launched(flow=None, flow_run=None, state=None) -> None:
+    """Stop every child process this process launched (a flow's on_cancellation / on_crashed hook)."""
+    terminate_all(f"flow run {state.name if state else 'stopped'}")
+
+
+@contextlib.contextmanager
+def stop_launched_on_cancel(flow_run_id, every_s: float = CANCEL_POLL_S) -> Iterator[None]:
+    """While the block runs, a thread polls the flow run's state; once it is Cancelling (Cancel in the
+    UI or the API), every child this process launched (torchrun and its ranks, a server) is stopped
+    at once: a worker only SIGTERMs this process, after which it would wait for its tasks, and a
+    run without a worker (`nanopipe run`) gets no signal at all. Leaving the block with an exception
+    (the worker's SIGTERM, Ctrl-C) stops them too."""
+    done = threading.Event()
+
+    def watch() -> None:
+        with get_client(sync_client=True) as client:
+            while not done.wait(every_s):
+                try:
+                    state = client.read_flow_run(flow_run_id).state
+                except Exception:  # the API is briefly unreachable: ask again
+                    continue
+                if state is not None and (state.is_cancelling() or state.is_cancelled()):
+                    terminate_all(f"flow run {state.name}")
+                    return
+
+    watcher = threading.Thread(target=watch, name="nanopipe-cancel-watch", daemon=True)
+    if flow_run_id is not None:
+        watcher.start()
+    try:
+        yield
+    except BaseException as e:
+        terminate_all(f"flow run interrupted ({type(e).__name__})")
+        raise
+    finally:
+        done.set()
 
 
 @task(cache_policy=StoreKeyPolicy(), persist_result=True, result_serializer="json",
@@ -182,8 +309,11 @@ def stage_task(stage: str, config: dict, upstream: dict[str, dict], store_url: s
     store = Store(store_url)
     cfg = RunConfig.model_validate(config)
     live = LiveArtifacts(stage, logger)
-    with device_slot(stage):
-        manifest, reused = run_stage(store, cfg, stage, upstream, force=force, log=logger.info, on_progress=live)
+    try:
+        with device_slot(stage, logger.info) if uses_device(stage) else contextlib.nullcontext():
+            manifest, reused = run_stage(store, cfg, stage, upstream, force=force, log=logger.info, on_progress=live)
+    except LaunchCancelled as e:
+        return Cancelled(message=f"{stage}: {e}")
     if not reused:
         live.finish()
         publish_artifacts(store, manifest)
@@ -191,8 +321,9 @@ def stage_task(stage: str, config: dict, upstream: dict[str, dict], store_url: s
 
 
 def configured_task(stage: str, storage: WritableFileSystem):
-    """The stage task bound to the store's result storage, with retries for network stages."""
-    opts: dict[str, Any] = {"result_storage": storage}
+    """The stage task, named after the stage (so it reads as such in the UI from the moment it is
+    submitted), bound to the store's result storage, with retries for network stages."""
+    opts: dict[str, Any] = {"name": stage, "task_run_name": stage, "result_storage": storage}
     if stage in _NETWORK_STAGES:
         opts.update(retries=int(os.environ.get("NANOPIPE_RETRIES", 2)), retry_delay_seconds=[5, 30],
                     retry_condition_fn=_transient)

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import yaml
 
+from nanopipe.launch import descendants, signal_pid
+
 REPO = Path(__file__).resolve().parents[1]
 POOLS_FILE = REPO / "deployments" / "pools.yaml"
 SERVER_START_TIMEOUT_S = 120
@@ -166,39 +168,13 @@ def _tail(path: Path, n: int = 30) -> str:
         return ""
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below pid (flow runs of a worker may sit in sessions of their own)."""
-    try:
-        out = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    children: dict[int, list[int]] = {}
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            children.setdefault(int(parts[1]), []).append(int(parts[0]))
-    found, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            found.append(c)
-            todo.append(c)
-    return found
-
-
-def _signal(pid: int, sig: int, group: bool) -> None:
-    try:
-        os.killpg(pid, sig) if group else os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def stop(procs: list[subprocess.Popen], grace: float = STOP_GRACE_S) -> None:
     """SIGTERM each process group (and every descendant), then SIGKILL what is left after `grace` s."""
     family = {p.pid: descendants(p.pid) for p in procs}
     for p in procs:
-        _signal(p.pid, signal.SIGTERM, group=True)
+        signal_pid(p.pid, signal.SIGTERM, group=True)
         for d in family[p.pid]:
-            _signal(d, signal.SIGTERM, group=False)
+            signal_pid(d, signal.SIGTERM, group=False)
     deadline = time.monotonic() + grace
     for p in procs:
         try:
@@ -206,9 +182,9 @@ def stop(procs: list[subprocess.Popen], grace: float = STOP_GRACE_S) -> None:
         except subprocess.TimeoutExpired:
             pass
     for p in procs:
-        _signal(p.pid, signal.SIGKILL, group=True)
+        signal_pid(p.pid, signal.SIGKILL, group=True)
         for d in family[p.pid]:
-            _signal(d, signal.SIGKILL, group=False)
+            signal_pid(d, signal.SIGKILL, group=False)
         p.wait()
 
 

@@ -2,10 +2,10 @@
 
     nanopipe run [--preset tiny] [--set section.field=value ...] [--stages a,b] [--force STAGE] [--store URL]
     nanopipe stage NAME ...            one stage (and what it needs) directly, without Prefect
-    nanopipe status [--json]           each stage of a config: built, or why not (what differs from its last build)
+    nanopipe status [--json]           each stage of a config: built, running (with its progress), or why not
     nanopipe plan [--gpus N] [--gpu G] what a config will take before it runs: memory per GPU, batch, steps, time, cost
-    nanopipe artifacts ls|show KEY     browse the store: manifests, lineage, files
-    nanopipe gc [--yes]                remove unfinished and unreferenced stage dirs (dry run by default)
+    nanopipe artifacts ls|show NAME    browse the store: manifests, lineage, files (NAME: stage, key or artifact key)
+    nanopipe gc [--yes]                remove unfinished and unreferenced stage dirs (dry run by default), say what stays
     nanopipe verify [STAGE ...]        check every committed file of the store against its manifest
     nanopipe report                    print the committed report of a config
     nanopipe chat [-p PROMPT]          talk to a model from the store in the terminal
@@ -29,10 +29,11 @@ import sys
 import time
 
 from nanopipe import gpus
+from nanopipe.artifacts import NIGHTLY_KEYS, stage_of
 from nanopipe.config import ConfigError, load_config
 from nanopipe.dag import PlanError, check_names, plan_stages
 from nanopipe.launch import LaunchError
-from nanopipe.lineage import closure
+from nanopipe.progress import fmt_eta
 from nanopipe.stages import STAGES
 from nanopipe.store import Store, StoreError
 
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--force", action="store_true")
 
-    p = sub.add_parser("status", help="what is built for a config")
+    p = sub.add_parser("status", help="what is built for a config, what runs now, and why the rest will (re)run")
     _common(p)
     p.add_argument("--json", action="store_true")
 
@@ -80,14 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sft-conversations", type=int, default=None, help="conversations of sft's mixture, to time one epoch")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("artifacts", help="browse the store")
-    asub = p.add_subparsers(dest="acmd", required=True)
-    q = asub.add_parser("ls")
-    q.add_argument("--stage")
+    p = sub.add_parser("artifacts", help="browse the store: manifests, files, lineage",
+                       description="Browse the store's committed stage outputs: the same things, under the same "
+                                   "keys, as the Artifacts page of the Prefect UI.")
+    asub = p.add_subparsers(dest="acmd", required=True, metavar="{ls,show}")
+    q = asub.add_parser("ls", help="list every committed stage output (damaged manifests flagged)")
+    q.add_argument("--stage", help="only this stage")
     q.add_argument("--store")
-    q = asub.add_parser("show")
-    q.add_argument("key", help="a key prefix (6+ hex chars) or stage/key")
-    q.add_argument("--store")
+    q = asub.add_parser("show", help="one stage output: manifest, files, lineage")
+    q.add_argument("name", metavar="NAME",
+                   help="a stage name (its build for --preset/--set), a store-key prefix (6+ hex chars, or "
+                        "stage/key), or a Prefect artifact key such as data-summary, base-train-metrics or "
+                        "nightly-eval-table")
+    _common(q)
 
     p = sub.add_parser("gc", help="remove unfinished and unreferenced stage dirs")
     _common(p)
@@ -186,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.cmd == "status":
             _status(store, cfg, args.json)
         elif args.cmd == "artifacts":
-            _artifacts(store, args)
+            _artifacts(store, cfg, args)
         elif args.cmd == "gc":
             _gc(store, cfg, args)
         elif args.cmd == "report":
@@ -298,8 +304,9 @@ def _age(iso: str) -> str:
 
 def config_status(store: Store, cfg) -> list[dict]:
     """For each stage: key (when computable), built or not, metrics, age; for one not built, why
-    (nanopipe.why: what differs from its closest committed build)."""
-    from nanopipe.runner import lookup
+    (nanopipe.why: what differs from its closest committed build) and, while a run builds it, that run
+    (runner.activity: who holds its lock, its latest progress)."""
+    from nanopipe.runner import activity, lookup
     from nanopipe.why import why
 
     built: dict[str, dict] = {}
@@ -314,6 +321,8 @@ def config_status(store: Store, cfg) -> list[dict]:
             row.update(metrics=m["metrics"], created_at=m["created_at"], seconds=m["timings"]["seconds"])
         else:
             row["why"] = why(store, cfg, name, ups)
+            if key is not None:
+                row["running"] = activity(store, name, key)
         rows.append(row)
     return rows
 
@@ -331,13 +340,35 @@ def _status(store: Store, cfg, as_json: bool) -> None:
             continue
         why = r["why"]
         closest = why["closest"]
-        print(f"  {why['state']:<8} {r['stage']:<12} {key:<16}" + ("" if closest is None else
-              f"  vs {r['stage']}/{closest['key'][:16]}, built {_age(closest['created_at'])}:"))
+        if r.get("running"):
+            print(f"  {'running':<8} {r['stage']:<12} {key:<16}  {_describe_run(r['running'])}")
+        else:
+            print(f"  {why['state']:<8} {r['stage']:<12} {key:<16}" + ("" if closest is None else
+                  f"  vs {r['stage']}/{closest['key'][:16]}, built {_age(closest['created_at'])}:"))
         for reason in why["reasons"]:
             print(f"             {reason}")
 
 
-def _artifacts(store: Store, args) -> None:
+def _describe_run(run: dict) -> str:
+    """`step 12/60 (20%), ETA 1m30s, pid 123 on host` from a run's lock holder and progress."""
+    p, who = run.get("progress"), run.get("holder")
+    parts = []
+    if p and p.get("total"):
+        parts.append(f"step {p.get('step')}/{p['total']} ({p.get('percent', 0):.0f}%)")
+        if p.get("eta_s") is not None:
+            parts.append(f"ETA {fmt_eta(p['eta_s'])}")
+    elif who is not None:
+        parts.append("no progress reported yet")
+    if who:
+        parts.append(f"pid {who.get('pid')} on {who.get('host')}, since {who.get('started_at')}")
+    elif who is None:
+        parts.append(f"on another host (progress of {p.get('updated_at')})")
+    else:
+        parts.append("only ranks of an earlier run are left")
+    return ", ".join(parts)
+
+
+def _artifacts(store: Store, cfg, args) -> None:
     from nanopipe.report import lineage_tree
 
     try:
@@ -351,8 +382,10 @@ def _artifacts(store: Store, args) -> None:
                 print(f"BAD {store.url_of(path)}: {problem}")
             if bad:
                 sys.exit(1)
+        elif args.name in NIGHTLY_KEYS:
+            _show_nightly(store)
         else:
-            m = store.find(args.key.split("/")[-1])
+            m = _find(store, cfg, args.name)
             print(json.dumps({k: v for k, v in m.items() if k != "files"}, indent=1))
             print("files:")
             for f in m["files"]:
@@ -364,18 +397,69 @@ def _artifacts(store: Store, args) -> None:
         sys.exit(2)
 
 
+def _find(store: Store, cfg, name: str) -> dict:
+    """The manifest NAME means: a stage (or one of its Prefect artifact keys): its build for this
+    config; else a key prefix or stage/key."""
+    from nanopipe.runner import committed
+
+    stage = name if name in STAGES else stage_of(name)
+    if stage is None:
+        return store.find(name.split("/")[-1])
+    built = committed(store, cfg)
+    if stage in built:
+        return built[stage]
+    newest = store.manifests(stage)
+    hint = (f"; the newest {stage} in the store is {stage}/{newest[-1]['key'][:16]}, built "
+            f"{_age(newest[-1]['created_at'])}: `nanopipe artifacts show {newest[-1]['key'][:16]}`") if newest else ""
+    raise StoreError(f"{stage} is not built for preset {cfg.preset} (with these overrides) in {store.url}{hint}")
+
+
+def _show_nightly(store: Store) -> None:
+    """The newest nightly eval record: what the nightly-eval-table and -summary artifacts show."""
+    from nanopipe.eval.nightly import read_records
+
+    records = read_records(store)
+    if not records:
+        raise StoreError(f"no nightly eval record in {store.url}; the nightly-eval/eval deployment writes them")
+    r = records[-1]
+    print(f"nightly eval {r['created_at']} ({r['url']}); settings: {json.dumps(r.get('settings'))}")
+    print(f"baseline: {r.get('baseline') or 'none (a new baseline)'}; regressions: {', '.join(r.get('regressions', [])) or 'none'}")
+    for stage, res in r["results"].items():
+        for metric, value in res["metrics"].items():
+            se = (res.get("stderr") or {}).get(metric)
+            print(f"  {stage:<12} {res['key'][:16]}  {metric:<28} {value:.4f}" + (f" ± {se:.4f}" if se is not None else ""))
+
+
 def _gc(store: Store, cfg, args) -> None:
-    """Keep the lineage of what the given config has built; drop other committed dirs and old unfinished ones."""
+    """Keep the lineage of what the given config has built, and unfinished dirs that run or are recent;
+    drop other committed dirs and old unfinished ones. Says what it keeps and why."""
+    from nanopipe.lineage import label, walk
+    from nanopipe.runner import running
+
     built = [store.manifest(r["stage"], r["key"]) for r in config_status(store, cfg) if r["built"]]
-    keep = closure(store, built)
-    doomed = [(m["stage"], store.stage_dir(m["stage"], m["key"]), "unreferenced") for m in store.manifests()
+    keep = {m["key"]: (m, f"built for preset {cfg.preset} (this config)") for m in built}
+    for m in built:
+        for up in walk(store, m):
+            if up.manifest is not None and up.key not in keep:
+                keep[up.key] = (up.manifest, f"upstream of {label(m)}")
+    kept = [(store.stage_dir(m["stage"], m["key"]), why) for m, why in keep.values()]
+    doomed = [(store.stage_dir(m["stage"], m["key"]), "unreferenced") for m in store.manifests()
               if m["key"] not in keep]
-    doomed += [(s, d, f"unfinished, {age / 3600:.1f}h old") for s, d, age in store.unfinished() if age >= args.min_age]
-    for stage, d, why in doomed:
+    for stage, d, age in store.unfinished():
+        holder = running(store, stage, d.rsplit("/", 1)[-1])
+        if holder is not None:
+            kept.append((d, f"unfinished, running ({_describe_run({'holder': holder})})"))
+        elif age < args.min_age:
+            kept.append((d, f"unfinished, {age / 3600:.1f}h old: younger than --min-age, may be resumed"))
+        else:
+            doomed.append((d, f"unfinished, {age / 3600:.1f}h old"))
+    for d, why in kept:
+        print(f"keeping {store.url_of(d)}  ({why})")
+    for d, why in doomed:
         print(f"{'removing' if args.yes else 'would remove'} {store.url_of(d)}  ({why})")
         if args.yes:
             store.remove(d)
-    print(f"{len(doomed)} dirs {'removed' if args.yes else 'to remove (dry run; pass --yes to delete)'}; kept {len(keep)}")
+    print(f"{len(doomed)} dirs {'removed' if args.yes else 'to remove (dry run; pass --yes to delete)'}; kept {len(kept)}")
 
 
 def _report(store: Store, cfg) -> None:

@@ -1,12 +1,21 @@
-"""Run a training/eval module as a subprocess (usually under torchrun).
+"""Run a training/eval module as a subprocess (usually under torchrun), or a server beside the caller.
 
-The child runs in its own process group, so on timeout, Ctrl-C or cancellation
-of the caller the whole group (torchrun and every worker it spawned) is
-terminated, not just the direct child. Output is streamed line by line to a
-callback (flows/ passes a Prefect logger) and teed to a log file.
-No Prefect here: flows/ wraps this.
+Every child starts in a session of its own and is tied to this process's life:
+
+- the kernel SIGKILLs it when the thread that started it dies (PR_SET_PDEATHSIG, Linux), so a
+  SIGKILLed caller (a flow run's engine, a `nanopipe run` killed with its process group) leaves
+  no child behind; the ranks torchrun starts do the same towards torchrun (``die_with_parent``),
+  so a killed torchrun takes its ranks along;
+- on timeout, Ctrl-C or any exception in the caller, its process group and every descendant
+  (torchrun's ranks sit in sessions of their own) get SIGTERM, then SIGKILL;
+- ``terminate_all`` stops every child this process runs, from any thread: flows/ calls it when
+  a flow run is cancelled, and the caller then gets ``LaunchCancelled``.
+
+Output is streamed line by line to a callback (flows/ passes a Prefect logger) and teed to a log
+file. No Prefect here: flows/ wraps this.
 """
 
+import ctypes
 import os
 import queue
 import signal
@@ -15,7 +24,9 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 TAIL_LINES = 40
@@ -54,6 +65,10 @@ class LaunchTimeout(LaunchError):
     """The child ran past its timeout and was killed."""
 
 
+class LaunchCancelled(LaunchError):
+    """The child was stopped by ``terminate_all`` (its flow run was cancelled)."""
+
+
 def torchrun_command(module: str, args: list[str], nproc_per_node: int = 1, nnodes: int = 1,
                      node_rank: int = 0, rdzv_endpoint: str | None = None, standalone: bool = True) -> list[str]:
     """argv for `torchrun ... -m module args`, run with this interpreter."""
@@ -77,21 +92,116 @@ def torchrun_command(module: str, args: list[str], nproc_per_node: int = 1, nnod
     return cmd + ["-m", module, *[str(a) for a in args]]
 
 
-def _kill_group(proc: subprocess.Popen, grace: float) -> None:
-    """SIGTERM the child's process group, then SIGKILL whatever is left after `grace` seconds."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
+# ----- children tied to this process -----
+
+PR_SET_PDEATHSIG = 1
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+except (OSError, AttributeError):
+    _prctl = None
+
+
+def _pdeathsig() -> None:
+    """preexec_fn of every child: the kernel SIGKILLs it when the thread that started it ends. That
+    thread waits for the child (run_streaming, background), so in effect: when this process dies.
+    Only an already-resolved C call here: this runs between fork and exec."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def die_with_parent() -> None:
+    """For a process another program started (a torchrun rank): be SIGKILLed when that parent
+    dies, and exit now if it already has (this process was reparented before getting here)."""
+    if _prctl is None:
         return
+    parent = os.getppid()
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if parent == 1 or os.getppid() != parent:
+        os._exit(1)
+
+
+@dataclass
+class _Child:
+    proc: subprocess.Popen
+    stopped: str | None = None  # why terminate_all stopped it
+
+
+_running: dict[int, _Child] = {}  # pid -> every child started here that has not been waited for yet
+_running_lock = threading.Lock()
+
+
+def _start(cmd: list[str], env: dict | None, cwd) -> _Child:
+    """Popen in a session of its own (its group can be killed whole), dying with this process."""
+    child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}  # unbuffered: lines arrive as printed
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, env=child_env, cwd=cwd, text=True, encoding="utf-8",
+                            errors="replace", preexec_fn=_pdeathsig if _prctl else None)
+    child = _Child(proc)
+    with _running_lock:
+        _running[proc.pid] = child
+    return child
+
+
+def _forget(child: _Child) -> None:
+    with _running_lock:
+        _running.pop(child.proc.pid, None)
+
+
+def terminate_all(reason: str, grace: float = KILL_GRACE_S) -> list[int]:
+    """Stop every child this process runs (from any thread): SIGTERM to its process group and every
+    descendant now, SIGKILL to what is left after `grace` s. The thread that waits for a child gets
+    LaunchCancelled(reason). Returns the pids of the children stopped."""
+    with _running_lock:
+        children = [c for c in _running.values() if c.stopped is None]
+        for c in children:
+            c.stopped = reason
+    for c in children:
+        threading.Thread(target=_kill_tree, args=(c.proc, grace), name="launch-terminate", daemon=True).start()
+    return [c.proc.pid for c in children]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid, children first (torchrun's ranks sit in sessions of their own)."""
+    try:
+        ps = subprocess.Popen(["ps", "-A", "-o", "pid=,ppid="], stdout=subprocess.PIPE, text=True)
+        out = ps.communicate(timeout=10)[0]
+    except (OSError, subprocess.SubprocessError):
+        return []
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and int(parts[0]) != ps.pid:
+            children.setdefault(int(parts[1]), []).append(int(parts[0]))
+    found, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(0), []):
+            found.append(c)
+            todo.append(c)
+    return found
+
+
+def signal_pid(pid: int, sig: int, group: bool = False) -> None:
+    """Send `sig` to a process (or its group); one that is gone already is fine."""
+    try:
+        os.killpg(pid, sig) if group else os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _kill_tree(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM the child's process group and its descendants (torchrun forwards SIGTERM to its
+    ranks), then SIGKILL whatever is left after `grace` seconds."""
+    family = descendants(proc.pid)  # while the child lives: its orphans are no longer found
+    signal_pid(proc.pid, signal.SIGTERM, group=True)
+    for pid in family:
+        signal_pid(pid, signal.SIGTERM)
     try:
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         pass
-    try:
-        # Even if the leader exited, workers that ignored SIGTERM may still be in the group.
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    # Even if the leader exited, workers that ignored SIGTERM may still be in the group or below it.
+    signal_pid(proc.pid, signal.SIGKILL, group=True)
+    for pid in family:
+        signal_pid(pid, signal.SIGKILL)
     proc.wait()
 
 
@@ -114,21 +224,20 @@ def run_streaming(cmd: list[str], log_path: str | os.PathLike, on_line: Callable
     Raises LaunchError (with the last lines of output) on a non-zero exit or death by
     signal, LaunchTimeout after `timeout` seconds. On timeout or any exception raised
     in the caller while waiting (KeyboardInterrupt, task cancellation) the child's
-    whole process group is killed before the exception propagates.
+    whole process group is killed before the exception propagates; LaunchCancelled when
+    ``terminate_all`` stopped it.
     """
     cmd = [str(c) for c in cmd]
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}  # unbuffered: lines arrive as printed
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     deadline = None if timeout is None else time.monotonic() + timeout
 
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} launch: {' '.join(cmd)}\n")
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=child_env, cwd=cwd,
-                                text=True, encoding="utf-8", errors="replace")
+        child = _start(cmd, env, cwd)
+        proc = child.proc
         # A reader thread, so the caller's thread can enforce the deadline and see cancellation.
         lines: queue.Queue[str | None] = queue.Queue()
 
@@ -144,7 +253,7 @@ def run_streaming(cmd: list[str], log_path: str | os.PathLike, on_line: Callable
             while not (eof and proc.poll() is not None):
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
-                    _kill_group(proc, kill_grace)
+                    _kill_tree(proc, kill_grace)
                     message = f"{' '.join(cmd)} timed out after {timeout:g}s and was killed"
                     log.write(f"=== {message}\n")
                     raise LaunchTimeout(f"{message}; last {len(tail)} lines of {log_path}:\n" + "".join(tail),
@@ -163,7 +272,7 @@ def run_streaming(cmd: list[str], log_path: str | os.PathLike, on_line: Callable
                         exited_at = exited_at or now
                         if now - exited_at > DRAIN_S and not leftovers_killed:
                             # The child is gone but processes it left behind still hold the pipe.
-                            _kill_group(proc, 0)
+                            _kill_tree(proc, 0)
                             leftovers_killed = True
                     continue
                 if line is None:
@@ -176,17 +285,59 @@ def run_streaming(cmd: list[str], log_path: str | os.PathLike, on_line: Callable
                 on_line(line)
         except BaseException as exc:
             # Timeout, Ctrl-C, cancellation, a failing callback: never leave the group running.
-            _kill_group(proc, kill_grace)
+            _kill_tree(proc, kill_grace)
             if not isinstance(exc, LaunchTimeout):
                 log.write(f"=== interrupted by {type(exc).__name__}; process group killed\n")
             raise
         finally:
+            _forget(child)
             reader.join(timeout=1.0)
             if not reader.is_alive():
                 proc.stdout.close()
         returncode = proc.returncode
+        if child.stopped:
+            message = f"{' '.join(cmd)} was stopped: {child.stopped}"
+            log.write(f"=== {message}\n")
+            raise LaunchCancelled(message, returncode, list(tail))
         if returncode != 0:
             message = f"{' '.join(cmd)} {_describe_exit(returncode)}"
             log.write(f"=== {message}\n")
             raise LaunchError(f"{message}; last {len(tail)} lines of {log_path}:\n" + "".join(tail),
                               returncode, list(tail))
+
+
+@contextmanager
+def background(cmd: list[str], log_path: str | os.PathLike, on_line: Callable[[str], None] = print,
+               env: dict | None = None, cwd=None, kill_grace: float = KILL_GRACE_S) -> Iterator[subprocess.Popen]:
+    """Run `cmd` (a server) beside the caller for the duration of the block: its output is streamed to
+    `on_line` (from a reader thread) and appended to `log_path`; leaving the block, however, kills
+    its process group. Raises LaunchCancelled, whatever the block raised, when ``terminate_all``
+    stopped the child."""
+    cmd = [str(c) for c in cmd]
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} start: {' '.join(cmd)}\n")
+        log.flush()
+        child = _start(cmd, env, cwd)
+
+        def read() -> None:
+            for line in child.proc.stdout:
+                log.write(line)
+                log.flush()
+                on_line(line.rstrip("\n"))
+
+        reader = threading.Thread(target=read, name="background-reader", daemon=True)
+        reader.start()
+        try:
+            yield child.proc
+        except BaseException:
+            if child.stopped:
+                raise LaunchCancelled(f"{' '.join(cmd)} was stopped: {child.stopped}", child.proc.returncode, []) from None
+            raise
+        finally:
+            _kill_tree(child.proc, kill_grace)
+            _forget(child)
+            reader.join(timeout=5.0)
+        if child.stopped:
+            raise LaunchCancelled(f"{' '.join(cmd)} was stopped: {child.stopped}", child.proc.returncode, [])

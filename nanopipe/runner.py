@@ -10,25 +10,35 @@ A stage is a module in ``nanopipe/stages`` with::
 The upstream stages each stage reads are listed in ``nanopipe.stages.STAGES``. The code a stage's
 key covers is found from its imports (``nanopipe.codeid``): nothing to list by hand.
 Flows call ``run_stage`` inside a Prefect task; ``python -m nanopipe stage NAME`` calls it directly.
+
+One run of a stage key at a time: the process that runs it holds ``Store.lock_path`` (flock) and
+each rank of its torchrun child holds ``Store.rank_lock_path``; a second run waits for both,
+saying what it waits for, then reuses what the first committed (``stage_lock``). The lock files
+are local: on a remote store they order the runs of one host (another host's run of the same key
+shows in its progress file; the `gpu` concurrency limit keeps deployments apart).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib
 import json
 import os
+import socket
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import IO, Callable
 
 from pydantic import BaseModel
 
 from nanopipe.codeid import stage_code
 from nanopipe.config import ConfigError, RunConfig, TrackingConfig
 from nanopipe.faults import reset_faults
-from nanopipe.launch import LaunchError, run_streaming, torchrun_command, training_env
-from nanopipe.progress import OnProgress, parse_progress, print_progress
+from nanopipe.launch import LaunchError, die_with_parent, run_streaming, torchrun_command, training_env
+from nanopipe.progress import OnProgress, parse_progress, print_progress, read_progress
 from nanopipe.sizing import SizingError
 from nanopipe.stages import STAGES
 from nanopipe.store import Store, StageWriter, StoreError, output_digest, stage_key, writing
@@ -115,6 +125,16 @@ def run_stage(store: Store, cfg: RunConfig, name: str, upstream: dict[str, dict]
     manifest = None if force else store.manifest(name, key)  # a forced stage's manifest is not read: it may be damaged
     if manifest is not None:
         return manifest, True
+    with stage_lock(store, name, key, log):
+        manifest = None if force else store.manifest(name, key)
+        if manifest is not None:
+            log(f"[{name}] reused {name}/{key[:16]}: another run built it while this one waited")
+            return manifest, True
+        return _build(store, cfg, mod, name, key, upstream, force, log, on_progress), False
+
+
+def _build(store: Store, cfg: RunConfig, mod, name: str, key: str, upstream: dict[str, dict],
+           force: bool, log: Log, on_progress: OnProgress | None) -> dict:
     if force:
         log(f"[{name}] runs: forced")
         # A forced rerun starts from scratch: drop the old output and any resume state.
@@ -125,8 +145,8 @@ def run_stage(store: Store, cfg: RunConfig, name: str, upstream: dict[str, dict]
     if getattr(mod, "LAUNCH", None) == "torchrun":
         if hasattr(mod, "prepare"):
             mod.prepare(getattr(cfg, name))  # one-time work (downloads) before the ranks start
-        return launch_child(store, cfg, name, key, upstream, log, on_progress), False
-    return execute(store, name, key, getattr(cfg, name), upstream, log, on_progress=on_progress), False
+        return launch_child(store, cfg, name, key, upstream, log, on_progress)
+    return execute(store, name, key, getattr(cfg, name), upstream, log, on_progress=on_progress)
 
 
 def execute(store: Store, name: str, key: str, config: BaseModel, upstream: dict[str, dict],
@@ -150,6 +170,101 @@ def execute(store: Store, name: str, key: str, config: BaseModel, upstream: dict
                              extra={"code": code["code"]})
     log(f"[{name}] committed {len(manifest['files'])} files in {manifest['timings']['seconds']:.1f}s")
     return manifest
+
+
+# ---- one run of a stage key at a time ----
+
+FRESH_PROGRESS_S = 120  # a remote store's progress file this recent: its stage runs (on some host)
+
+LOCK_POLL_S = 0.5
+LOCK_SAY_EVERY_S = 60.0  # a waiting run repeats what it waits for this often
+
+
+@contextlib.contextmanager
+def _flock(path: str, mode: int, log: Log, waiting: Callable[[], str]) -> Iterator[IO]:
+    """Hold flock `mode` on the local file `path` for the block; while another process (or another
+    open of the file) holds it, poll, and log `waiting()` at once and then every minute."""
+    with writing(path):  # a store that cannot be written cannot hold its lock files either
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        f = open(path, "a+", encoding="utf-8")
+    with f:
+        said = None
+        while True:
+            try:
+                fcntl.flock(f, mode | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if said is None or time.monotonic() - said >= LOCK_SAY_EVERY_S:
+                    log(waiting())
+                    said = time.monotonic()
+                time.sleep(LOCK_POLL_S)
+        try:
+            yield f
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def stage_lock(store: Store, name: str, key: str, log: Log = print) -> Iterator[None]:
+    """Held while this process runs (name, key); the file then names the holder (see `holder`)."""
+    path = store.lock_path(name, key)
+
+    def waiting() -> str:
+        who = holder(path)
+        by = f"pid {who['pid']} on {who['host']}, since {who['started_at']}" if who else "another process"
+        return f"[{name}] waiting: another run of {name}/{key[:16]} ({by}) holds {path}"
+
+    with _flock(path, fcntl.LOCK_EX, log, waiting) as f:
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"stage": name, "key": key, "pid": os.getpid(), "host": socket.gethostname(),
+                            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[:8]}))
+        f.flush()
+        yield
+
+
+def holder(path: str) -> dict | None:
+    """What the holder of a stage lock wrote into it (pid, host, started_at, argv); None if unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.loads(f.read() or "null")
+    except (OSError, ValueError):
+        return None
+
+
+def running(store: Store, name: str, key: str) -> dict | None:
+    """Who runs (name, key) on this host now: the holder of its lock ({"pid", "host", "started_at", ...};
+    {} when only ranks of an earlier run are left); None when no live process holds it."""
+    for path in (store.lock_path(name, key), store.rank_lock_path(name, key)):
+        if not os.path.exists(path):
+            continue
+        with open(path, "a+", encoding="utf-8") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return holder(store.lock_path(name, key)) or {}
+            fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
+def activity(store: Store, name: str, key: str) -> dict | None:
+    """The run building (name, key) now: {"holder": `running`'s answer, "progress": its rank 0's latest
+    progress event or None}; None when nothing runs it. A local store's lock says; a remote store's
+    lock only knows this host, so there a fresh progress file counts too (a run on another host)."""
+    who = running(store, name, key)
+    progress = read_progress(store, name, key)
+    if who is None and not (progress and not store.is_local and _age_s(progress.get("updated_at")) < FRESH_PROGRESS_S):
+        return None
+    return {"holder": who, "progress": progress}
+
+
+def _age_s(iso: str | None) -> float:
+    import datetime as dt
+
+    try:
+        return (dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(iso)).total_seconds()
+    except (TypeError, ValueError):
+        return float("inf")
 
 
 def run_pipeline(store: Store, cfg: RunConfig, order: list[str], force: list[str] | tuple[str, ...] = (),
@@ -187,6 +302,10 @@ def launch_child(store: Store, cfg: RunConfig, name: str, key: str, upstream: di
     )
     log_path = store.local_launch_log(name, key)
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with _flock(store.rank_lock_path(name, key), fcntl.LOCK_EX, log, lambda: (
+            f"[{name}] waiting: ranks of an earlier run of {name}/{key[:16]} are still alive "
+            f"(they hold {store.rank_lock_path(name, key)})")):
+        pass  # none left: this run's ranks may start
     log(f"[{name}] launching: {' '.join(cmd[2:])}")
 
     def on_line(line: str) -> None:  # the child's progress lines go to on_progress, the rest to the log
@@ -223,6 +342,7 @@ def child_main(argv: list[str] | None = None) -> None:
     p.add_argument("--stage", required=True)
     p.add_argument("--key", required=True)
     a = p.parse_args(argv)
+    die_with_parent()  # torchrun's ranks sit in sessions of their own: tie them to torchrun
     store = Store(a.store)
     spec_path = store.launch_spec_path(a.stage, a.key)
     try:
@@ -234,9 +354,11 @@ def child_main(argv: list[str] | None = None) -> None:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     log = print if rank == 0 else (lambda s: None)
     try:
-        execute(store, a.stage, a.key, config, spec["upstream"], log=log, rank=rank, world_size=world,
-                code=spec.get("code"), on_progress=print_progress if rank == 0 else None,
-                tracking=TrackingConfig.model_validate(spec.get("tracking", {})))
+        with _flock(store.rank_lock_path(a.stage, a.key), fcntl.LOCK_SH, log,
+                    lambda: f"[{a.stage}] rank {rank} waiting for {store.rank_lock_path(a.stage, a.key)}"):
+            execute(store, a.stage, a.key, config, spec["upstream"], log=log, rank=rank, world_size=world,
+                    code=spec.get("code"), on_progress=print_progress if rank == 0 else None,
+                    tracking=TrackingConfig.model_validate(spec.get("tracking", {})))
     except (StoreError, *CONFIG_ERRORS) as e:  # one line the parent can show as it is (see launch_child)
         print(f"{CONFIG_ERROR_PREFIX if isinstance(e, CONFIG_ERRORS) else ERROR_PREFIX}{e}", flush=True)
         sys.exit(1)

@@ -10,6 +10,8 @@ Layout under one root URL (a local path, ``s3://bucket/prefix`` or any fsspec UR
     {root}/{stage}/{key[:16]}/launch.log       a torchrun child's full output (not part of the manifest)
     {root}/{stage}/{key[:16]}/_prefect_record.json   Prefect's cache record of the stage (flows/cache.py)
     {root}/_nightly/{UTC time}-{run id}.json   nightly evaluation records (flows/nightly_eval.py)
+    {root}/_locks/{stage}/{key[:16]}.lock      held by the process running the stage (runner.stage_lock)
+    {root}/_locks/{stage}/{key[:16]}.ranks.lock   held by each rank of its torchrun child
 
 The local cache (``cache_dir()``, $NANOPIPE_CACHE or ~/.cache/nanopipe) is laid out here too::
 
@@ -21,6 +23,7 @@ The local cache (``cache_dir()``, $NANOPIPE_CACHE or ~/.cache/nanopipe) is laid 
     {cache}/logs/{stage}/{key[:16]}/launch.log a torchrun child's output, for remote stores
     {cache}/tmp/                               local temp files of outputs bound for a remote store
     {cache}/wandb/                             Weights & Biases run dirs (offline runs stay here to sync)
+    {cache}/locks/{store url hash}/{stage}/... the lock files of a remote store's stages (this host's runs)
 
 Keys are content addresses: sha256 of canonical JSON of the stage name, its code version,
 its config section and the identities of its upstream outputs (see ``stage_key``).
@@ -53,6 +56,7 @@ LAUNCH_LOG = "launch.log"
 PROGRESS = "progress.json"
 PREFECT_RECORD = "_prefect_record.json"
 NIGHTLY = "_nightly"
+LOCKS = "_locks"
 MANIFEST_FORMAT = 1
 _CHUNK = 1 << 20
 
@@ -233,6 +237,23 @@ class Store:
         if self.is_local:
             return self.launch_log_path(stage, key)
         return str(cache_dir() / "logs" / stage / key[:16] / LAUNCH_LOG)
+
+    def lock_path(self, stage: str, key: str) -> str:
+        """The local file the process running (stage, key) holds locked (flock) while it runs.
+
+        Beside the stage dir, not inside it: a commit removes _work/ and --force the whole dir, and a
+        lock file removed while held keeps no one out. flock needs a local file: a remote store's
+        lock files live in the cache, keyed by the store URL, so they order the runs of one host."""
+        return posixpath.join(self._locks_root(), stage, f"{key[:16]}.lock")
+
+    def rank_lock_path(self, stage: str, key: str) -> str:
+        """The local file every rank of a torchrun child of (stage, key) holds (shared) while it works."""
+        return posixpath.join(self._locks_root(), stage, f"{key[:16]}.ranks.lock")
+
+    def _locks_root(self) -> str:
+        if self.is_local:
+            return posixpath.join(self.root, LOCKS)
+        return str(cache_dir() / "locks" / hashlib.sha256(self.url.encode()).hexdigest()[:16])
 
     def prefect_record(self, stage: str, key: str) -> str:
         """Prefect's cache record of (stage, key), relative to the root: Prefect's result storage is

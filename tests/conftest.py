@@ -2,9 +2,12 @@
 small-but-real config overrides the stage tests build with, and edits of the source the code
 identity reads."""
 
+import glob
 import os
 import pathlib
 import socket
+import subprocess
+import time
 
 import pytest
 
@@ -29,6 +32,97 @@ TRAIN = ["base_train.depth=1", "base_train.head_dim=32", "base_train.sequence_le
          "base_train.device_batch_size=4", "base_train.total_batch_size=512", "base_train.num_iterations=8",
          "base_train.checkpoint_every=4", "base_train.eval_every=4", "base_train.eval_tokens=512",
          "base_train.threads=1"]
+
+# A base_train that would run for many minutes (over the small data many times), checkpointing every 10
+# steps, on two ranks: the cancel and kill tests stop it midway (and its rerun, once it has resumed).
+LONG_TRAIN = TRAIN + ["base_train.num_iterations=5000", "base_train.allow_data_repeat=true",
+                      "base_train.checkpoint_every=10", "base_train.eval_every=0", "base_train.nproc_per_node=2"]
+
+
+def sets(overrides) -> list[str]:
+    return [x for o in overrides for x in ("--set", o)]
+
+
+def stage_processes(store_url: str) -> list[int]:
+    """Every live process working for a stage of this store: torchrun and its ranks (their command
+    lines name the store: `-m nanopipe.runner --store URL ...`)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            args = open(f"/proc/{entry}/cmdline", "rb").read().decode(errors="replace").split("\0")
+            state = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and "nanopipe.runner" in args and store_url in args:
+            found.append(int(entry))
+    return sorted(found)
+
+
+def ps(pids) -> str:
+    """`ps` lines of these processes (for the test log), or a note that none is left."""
+    if not pids:
+        return "(no process left)"
+    return subprocess.run(["ps", "-ww", "-o", "pid,ppid,pgid,sid,stat,etime,args", "-p", ",".join(map(str, pids))],
+                          capture_output=True, text=True).stdout.rstrip()
+
+
+def wait_for(check, timeout: float, what: str, every: float = 0.2):
+    """check()'s first truthy value within `timeout` seconds, else fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def stage_dir(store_url: str, overrides, stage: str) -> str | None:
+    """The dir of `stage` for preset tiny with `overrides`, once its upstream is built (None before)."""
+    from nanopipe.config import load_config
+    from nanopipe.runner import committed, compute_key
+    from nanopipe.stages import STAGES
+    from nanopipe.store import Store
+
+    store, cfg = Store(store_url), load_config("tiny", list(overrides))
+    built = committed(store, cfg, [u for u in STAGES if u in STAGES[stage]])
+    if not all(u in built for u in STAGES[stage]):
+        return None
+    return store.stage_dir(stage, compute_key(cfg, stage, {u: built[u] for u in STAGES[stage]}))
+
+
+def checkpoint_steps(stage_dir: str | None) -> list[int]:
+    """Steps of the complete checkpoints in an unfinished stage dir's _work/."""
+    return sorted(int(p.split("ckpt_")[1].split("/")[0]) for p in glob.glob(f"{stage_dir}/_work/ckpt_*/COMPLETE"))
+
+
+def resumed_at(stage_dir: str | None) -> int | None:
+    """The step the newest launch of the stage resumed at (from its launch.log), or None."""
+    try:
+        text = open(f"{stage_dir}/launch.log").read().rsplit("=== ", 1)[-1]
+    except OSError:
+        return None
+    said = text.split("resumed from checkpoint at step ")
+    return int(said[1].split()[0]) if len(said) > 1 else None
+
+
+def commit_chat_model(store) -> dict:
+    """A committed tokenizer and an "sft" model built from it (test_engine's random model), in `store`:
+    the upstream of the serve stage. Returns {"tokenizer": manifest, "sft": manifest}."""
+    from nanopipe.train.common import save_model
+    from test_engine import random_model, train_tokenizer
+
+    w = store.writer("tokenizer", "a" * 64)
+    for name, data in train_tokenizer().to_files().items():
+        w.write_bytes(name, data)
+    ups = {"tokenizer": w.commit(config={}, upstream={}, code_version="test", metrics={}, started_at=time.time())}
+    w = store.writer("sft", "b" * 64)
+    save_model(w, random_model())  # the server finds the model's tokenizer through its lineage
+    ups["sft"] = w.commit(config={}, upstream={"tokenizer": ups["tokenizer"]}, code_version="test", metrics={},
+                          started_at=time.time())
+    return ups
 
 
 @pytest.fixture(scope="session")

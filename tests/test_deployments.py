@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import SMALL, TRAIN
+from conftest import (LONG_TRAIN, SMALL, TRAIN, checkpoint_steps, ps, resumed_at, stage_dir, stage_processes,
+                      wait_for)
 
-from flows.nightly_eval import compare, lower_is_better
+from nanopipe.eval.nightly import compare, lower_is_better
+from nanopipe.config import PRESETS
 from nanopipe.stages import STAGES
 from nanopipe.store import Store
 
@@ -49,6 +51,50 @@ def test_compare_flags_only_moves_the_wrong_way_beyond_the_threshold():
     assert rows[("base_train", "val_bpb")]["previous"] == 1.0
     assert all(r["status"] == "new" and r["previous"] is None for r in compare(now, None, 0.02))
     assert lower_is_better("val_bpb") and lower_is_better("val_loss") and not lower_is_better("core")
+
+
+def test_a_change_within_noise_is_not_a_regression():
+    """Accuracy at n examples has a standard error of about sqrt(p(1-p)/n): 0.30 -> 0.25 on 50 items
+    is noise, the same move on 5000 items is not."""
+    from nanopipe.eval.nightly import accuracy_stderr
+
+    def at(acc: float, n: int) -> dict:
+        return {"results": {"sft": {"key": "s" * 64, "metrics": {"chat/mmlu": acc},
+                                    "stderr": {"chat/mmlu": accuracy_stderr(acc, n)}}}}
+
+    (row,) = compare(at(0.25, 50), at(0.30, 50), threshold=0.02)
+    assert row["status"] == "ok" and row["noise"] > 0.05 and row["stderr"] == pytest.approx(0.0618, abs=1e-3)
+    (row,) = compare(at(0.25, 5000), at(0.30, 5000), threshold=0.02)
+    assert row["status"] == "REGRESSION" and row["noise"] < 0.02
+    assert accuracy_stderr(1.0, 10) > 0  # 10/10 is not certainty
+
+
+def test_standard_errors_of_centered_scores_and_bits_per_byte():
+    from nanopipe.eval.nightly import accuracy_stderr, centered_stderr, ratio_stderr
+
+    tasks = {"a": {"accuracy": 0.5, "n": 100, "random_baseline": 25.0}, "b": {"accuracy": 0.5, "n": 100,
+                                                                              "random_baseline": 0.0}}
+    se_a = accuracy_stderr(0.5, 100) / 0.75
+    se_b = accuracy_stderr(0.5, 100)
+    assert centered_stderr(tasks, lambda r: 0.01 * r["random_baseline"]) == pytest.approx((se_a ** 2 + se_b ** 2) ** 0.5 / 2)
+    assert ratio_stderr([1.0], [10]) is None
+    assert ratio_stderr([1.0, 1.0, 1.0], [5, 10, 20]) == 0.0
+    assert ratio_stderr([0.9, 1.1], [10, 10]) == pytest.approx(0.1, rel=1e-6)
+
+
+def test_a_new_setting_or_new_code_starts_a_new_baseline_and_says_why():
+    from nanopipe.eval.nightly import baseline
+
+    code = {"version": "c1", "modules": {"nanopipe.eval.core": "x"}}
+    settings = {"max_examples": 200, "device": "cpu"}
+    old = {"created_at": "night 1", "settings": settings, "code": code}
+    newer = {"created_at": "night 2", "settings": {**settings, "max_examples": 100}, "code": code}
+    assert baseline([], settings, code) == (None, "new baseline: the first recorded run")
+    assert baseline([old, newer], settings, code)[0] is old  # the newest run measured the same way
+    rec, said = baseline([old], {**settings, "max_examples": 50}, code)
+    assert rec is None and said.startswith("new baseline") and "max_examples 200 -> 50" in said
+    rec, said = baseline([old], settings, {"version": "c2", "modules": {"nanopipe.eval.core": "y"}})
+    assert rec is None and "code: nanopipe.eval.core changed" in said
 
 
 def test_prefect_yaml_deploys_every_stage_on_the_right_pool():
@@ -155,9 +201,19 @@ def test_deploy_all_registers_deployments_pools_limit_and_schedule(deployed):
     full = deps["pipeline/full"]
     assert full.work_pool_name == "gpu" and deps["stage-base-train/base-train"].work_pool_name == "gpu"
     assert deps["stage-tokenizer/tokenizer"].work_pool_name == "cpu"
-    # What the UI's run form edits: the flow's parameters, with the deployment's defaults.
-    assert {"preset", "overrides", "stages", "force"} <= set(full.parameter_openapi_schema["properties"])
-    assert full.parameters["preset"] == "tiny"
+    # What the UI's run form edits: the flow's parameters, with the flow's own defaults (not restated
+    # per deployment), a description for each, and choices for preset and stages.
+    props = full.parameter_openapi_schema["properties"]
+    assert set(props) == {"preset", "overrides", "stages", "force", "store"}
+    assert props["preset"]["enum"] == list(PRESETS) and props["preset"]["default"] == "tiny"
+    assert props["stages"]["anyOf"][0]["items"]["enum"] == list(STAGES) == props["force"]["anyOf"][0]["items"]["enum"]
+    assert "base_train.depth=4" in props["overrides"]["description"]
+    for name, dep in deps.items():
+        assert dep.parameters == {}, name
+        for param, spec in dep.parameter_openapi_schema["properties"].items():
+            assert len(spec.get("description", "")) > 20, f"{name}: {param} has no description"
+    assert deps["stage-sft/sft"].parameter_openapi_schema["properties"]["force"]["default"] is False
+    assert deps["nightly-eval/eval"].parameter_openapi_schema["properties"]["device"]["enum"] == ["auto", "cpu", "cuda"]
     assert full.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
     schedules = deployed["nightly_schedules"]  # as deployed
     assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in schedules] == [("0 3 * * *", "UTC", True)]
@@ -199,7 +255,8 @@ def test_single_stage_deployment_reuses_upstream(deployed, trained):
 
 
 @pytest.mark.e2e
-def test_nightly_eval_publishes_table_and_flags_regressions(deployed, trained, tmp_path):
+def test_nightly_eval_publishes_table_and_flags_regressions(deployed, trained, tmp_path, monkeypatch):
+    import flows.nightly_eval as nightly_flow
     from flows.nightly_eval import nightly_eval
 
     params = dict(max_examples=2, core_source=write_core_bundle(tmp_path / "core"), bpb_tokens=512, batch_size=4,
@@ -225,6 +282,17 @@ def test_nightly_eval_publishes_table_and_flags_regressions(deployed, trained, t
     assert "1 regression" in latest_artifact("nightly-eval-summary").data
     assert len(store.fs.ls(store.nightly_dir(), detail=False)) == 2
 
+    # Other settings measure differently: a new baseline, said so, and nothing called a regression.
+    # Evaluating is device work: it holds the `gpu` slot like the training stages.
+    slots, evaluate = [], nightly_flow.evaluate_checkpoint
+    monkeypatch.setattr(nightly_flow, "evaluate_checkpoint",
+                        lambda *a, **k: slots.append(gpu_slots_in_use()) or evaluate(*a, **k))
+    out = nightly_eval(store=deployed["store"], fail_on_regression=True, **{**params, "max_examples": 3})
+    assert out["compared"].startswith("new baseline") and "max_examples 2 -> 3" in out["compared"]
+    assert {r["status"] for r in out["rows"]} == {"new"}
+    assert "new baseline" in latest_artifact("nightly-eval-summary").data
+    assert slots == [1]
+
 
 @pytest.mark.e2e
 def test_report_is_published_as_a_markdown_artifact(deployed, trained, monkeypatch):
@@ -240,6 +308,92 @@ def test_report_is_published_as_a_markdown_artifact(deployed, trained, monkeypat
     assert art.flow_run_id == state.state_details.flow_run_id
     assert art.data.startswith("# nanopipe report") and "| CORE | - | - | - | - |" in art.data
     assert art.data.count("](data:image/png;base64,") == 1  # base_train's loss curve, inlined
+
+
+# ----- Cancel cancels; a killed engine leaves nothing behind -----
+
+def start(deployment: str, **parameters):
+    """Trigger a deployment through the API and return at once (the UI's Run button)."""
+    from prefect.deployments import run_deployment
+
+    return run_deployment(deployment, parameters=parameters, timeout=0)
+
+
+def flow_state(flow_run_id):
+    with client() as c:
+        return c.read_flow_run(flow_run_id).state
+
+
+def gpu_slots_in_use() -> int:
+    with client() as c:
+        return c.read_global_concurrency_limit_by_name("gpu").active_slots
+
+
+def cancel(flow_run_id) -> None:
+    """What Cancel in the UI does."""
+    from prefect.states import Cancelling
+
+    with client() as c:
+        c.set_flow_run_state(flow_run_id, Cancelling(message="cancelled by the test"), force=True)
+
+
+def training_midway(deployed, overrides):
+    """Start stage-base-train with `overrides` and wait for its first checkpoint and its three processes."""
+    fr = start("stage-base-train/base-train", overrides=overrides)
+    d = wait_for(lambda: stage_dir(deployed["store"], overrides, "base_train"), RUN_TIMEOUT_S, "the upstream stages")
+    step = wait_for(lambda: checkpoint_steps(d), RUN_TIMEOUT_S, "base_train's first checkpoint")[-1]
+    procs = wait_for(lambda: (p := stage_processes(deployed["store"])) and len(p) == 3 and p, 30, "torchrun and 2 ranks")
+    return fr, d, step, procs
+
+
+def gone_within(deployed, seconds: float, what: str) -> float:
+    t0 = time.monotonic()
+    wait_for(lambda: not stage_processes(deployed["store"]), seconds, f"no torchrun or rank left after {what}")
+    return time.monotonic() - t0
+
+
+def rerun_resumes_then_cancel(deployed, overrides, d, step) -> None:
+    rerun = start("stage-base-train/base-train", overrides=overrides)
+    wait_for(lambda: resumed_at(d) is not None, RUN_TIMEOUT_S, "the rerun to resume from a checkpoint")
+    assert resumed_at(d) >= step
+    cancel(rerun.id)
+    gone_within(deployed, 30, "cancelling the rerun")
+    wait_for(lambda: flow_state(rerun.id).is_final(), 120, "the cancelled rerun to end")
+
+
+@pytest.mark.e2e
+def test_cancel_through_the_api_stops_every_rank_frees_the_slot_and_the_rerun_resumes(deployed, pipeline_run):
+    overrides = SMALL + LONG_TRAIN
+    fr, d, step, procs = training_midway(deployed, overrides)
+    print(f"\nbefore Cancel (flow run {fr.id}, checkpoint at step {step}):\n{ps(procs)}")
+    assert gpu_slots_in_use() == 1
+    cancel(fr.id)
+    took = gone_within(deployed, 30, "Cancel")
+    print(f"{took:.1f}s after Cancel:\n{ps(stage_processes(deployed['store']))}")
+    state = wait_for(lambda: (s := flow_state(fr.id)).is_final() and s, 120, "the cancelled run to end")
+    assert state.is_cancelled(), state
+    assert task_states(fr.id)["base_train"] == "Cancelled"
+    wait_for(lambda: gpu_slots_in_use() == 0, 30, "the gpu slot to be released")
+    rerun_resumes_then_cancel(deployed, overrides, d, step)
+
+
+@pytest.mark.e2e
+def test_sigkill_of_the_flow_engine_leaves_no_rank_and_the_slot_comes_back(deployed, pipeline_run):
+    """A killed engine runs no cleanup: its children die with it (PR_SET_PDEATHSIG), and the worker,
+    seeing it crash, releases the `gpu` slot it held (the run's on_crashed hook; on a real server
+    the lease would also expire within a minute and a quarter)."""
+    overrides = SMALL + LONG_TRAIN + ["base_train.checkpoint_every=12"]  # its own key: its own checkpoints
+    fr, d, step, procs = training_midway(deployed, overrides)
+    with client() as c:
+        engine = int(c.read_flow_run(fr.id).infrastructure_pid.rsplit(":", 1)[-1])
+    print(f"\nbefore SIGKILL of the engine (pid {engine}):\n{ps([engine, *procs])}")
+    os.kill(engine, signal.SIGKILL)
+    took = gone_within(deployed, 10, "the engine's SIGKILL")
+    print(f"{took:.1f}s after:\n{ps([p for p in [engine, *procs] if _alive(p)])}")
+    state = wait_for(lambda: (s := flow_state(fr.id)).is_final() and s, 120, "the worker to see the engine die")
+    assert state.is_crashed(), state
+    wait_for(lambda: gpu_slots_in_use() == 0, 60, "the dead engine's gpu slot to come back")
+    rerun_resumes_then_cancel(deployed, overrides, d, step)
 
 
 # ----- `nanopipe ui` on a fresh machine -----

@@ -314,17 +314,10 @@ def test_serve_probe_file_is_the_same_on_a_rerun_and_timings_are_metrics(tmp_pat
     from nanopipe.config import ServeConfig
     from nanopipe.runner import execute
     from nanopipe.store import output_digest
-    from test_engine import random_model, train_tokenizer
+    from conftest import commit_chat_model
 
     store = Store(str(tmp_path / "store"))
-    tok, model = train_tokenizer(), random_model()
-    w = store.writer("tokenizer", "a" * 64)
-    for name, data in tok.to_files().items():
-        w.write_bytes(name, data)
-    ups = {"tokenizer": w.commit(config={}, upstream={}, code_version="test", metrics={}, started_at=time.time())}
-    w = store.writer("sft", "b" * 64)
-    save_model(w, model)
-    ups["sft"] = w.commit(config={}, upstream={}, code_version="test", metrics={}, started_at=time.time())
+    ups = commit_chat_model(store)
     cfg = ServeConfig(max_tokens=12, concurrency=3)
     runs = []
     for _ in range(2):

@@ -1,17 +1,23 @@
 import os
 import platform
 import signal
+import subprocess
 import sys
 import textwrap
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from nanopipe import runner
 from nanopipe.config import load_config
-from nanopipe.launch import (MALLOC_ENV, TRAINING_ENV, LaunchError, LaunchTimeout, run_streaming, torchrun_command,
-                             training_env)
+from nanopipe.launch import (MALLOC_ENV, TRAINING_ENV, LaunchCancelled, LaunchError, LaunchTimeout, background,
+                             descendants, run_streaming, terminate_all, torchrun_command, training_env)
 from nanopipe.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 
 
 def python(code: str) -> list[str]:
@@ -219,3 +225,92 @@ def test_training_env_reuses_freed_memory(tmp_path, monkeypatch):
         kept_mib[name] = int(out[-1].split()[1])
     assert kept_mib["default"] < 16, kept_mib
     assert kept_mib["training"] >= 60, kept_mib
+
+
+def test_terminate_all_stops_children_from_another_thread(tmp_path):
+    """What flows/ does when a flow run is cancelled: the waiting thread gets LaunchCancelled at once."""
+    got = []
+
+    def on_line(line):
+        got.append(line)
+        if line == "ready":
+            threading.Thread(target=terminate_all, args=("flow run cancelled",), kwargs={"grace": 0.5}).start()
+
+    start = time.monotonic()
+    with pytest.raises(LaunchCancelled, match="stopped: flow run cancelled"):
+        run_streaming(python(SPAWNER.format(after="time.sleep(600)")), tmp_path / "run.log", on_line=on_line)
+    assert time.monotonic() - start < 30
+    assert_gone(grandchild_pid(got))  # it ignored SIGTERM: SIGKILLed after the grace
+    assert terminate_all("again") == []  # nothing of ours left running
+
+
+def test_background_child_lives_for_the_block_only(tmp_path):
+    got = []
+    with background(python("import time; print('up', flush=True); time.sleep(600)"), tmp_path / "bg.log",
+                    on_line=got.append, kill_grace=0.5) as proc:
+        deadline = time.monotonic() + 30
+        while "up" not in got and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert got == ["up"] and proc.poll() is None
+    assert_gone(proc.pid)
+    assert "up\n" in (tmp_path / "bg.log").read_text()
+    with pytest.raises(LaunchCancelled, match="stopped: cancelled"):
+        with background(python("import time; time.sleep(600)"), tmp_path / "bg.log", kill_grace=0.5) as proc:
+            terminate_all("cancelled", grace=0.5)
+            proc.wait(10)
+            raise ConnectionError("the server went away")  # what the block sees; the cancellation wins
+
+
+# A parent that launches `cmd` through run_streaming (in a thread, as a Prefect task runs) and waits.
+PARENT = """
+import threading, time
+from nanopipe.launch import run_streaming
+threading.Thread(target=run_streaming, args=({cmd!r}, {log!r}), daemon=True,
+                 kwargs={{"on_line": lambda line: None, "cwd": {cwd!r}}}).start()
+time.sleep(600)
+"""
+
+
+def family_of_killed_parent(tmp_path, cmd: list[str], ready) -> list[int]:
+    """Start PARENT over `cmd`; once ready(pids below it) holds, SIGKILL it (as a worker kills a flow
+    run's engine) and return the processes that were below it, children first."""
+    code = PARENT.format(cmd=cmd, log=str(tmp_path / "p.log"), cwd=str(tmp_path))
+    parent = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    deadline = time.monotonic() + 120
+    try:
+        while not ready(family := descendants(parent.pid)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+    assert ready(family), family
+    return family
+
+
+@LINUX
+def test_child_dies_with_a_killed_parent(tmp_path):
+    child, grandchild = family_of_killed_parent(tmp_path, python(SPAWNER.format(after="time.sleep(600)")),
+                                                lambda family: len(family) == 2)
+    assert_gone(child)  # PR_SET_PDEATHSIG
+    os.kill(grandchild, signal.SIGKILL)  # a plain grandchild: nothing ties it to the child
+
+
+@LINUX
+@pytest.mark.e2e
+def test_torchrun_and_its_ranks_die_with_a_killed_parent(tmp_path):
+    """torchrun starts each rank in a session of its own, so a process-group kill misses them;
+    torchrun dies with its parent, and ranks that call die_with_parent die with torchrun."""
+    (tmp_path / "rank_probe.py").write_text(textwrap.dedent("""
+        import os, time
+        from nanopipe.launch import die_with_parent
+        die_with_parent()
+        open(f"rank{os.environ['RANK']}.pid", "w").write(str(os.getpid()))
+        time.sleep(600)
+    """))
+    ranks = [tmp_path / "rank0.pid", tmp_path / "rank1.pid"]
+    torchrun, *below = family_of_killed_parent(tmp_path, torchrun_command("rank_probe", [], nproc_per_node=2),
+                                               lambda family: all(p.exists() for p in ranks))
+    rank_pids = [int(p.read_text()) for p in ranks]
+    assert set(rank_pids) <= set(below)
+    for pid in [torchrun, *rank_pids]:
+        assert_gone(pid, within=10)
