@@ -76,7 +76,7 @@ def nightly_eval(models: list[str] | None = None, store: str | None = None, core
     base, compared = baseline(read_records(st), settings, code)
     logger.info(compared)
     record = {"run_id": str(flow_run.get_id() or uuid.uuid4()),
-              "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
               "settings": settings, "code": code, "threshold": threshold, "results": results,
               "baseline": base["url"] if base else None}
     rows = compare(record, base, threshold)

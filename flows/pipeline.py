@@ -23,7 +23,7 @@ from prefect.states import Cancelled, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from nanopipe.config import PRESETS, load_config
-from nanopipe.dag import plan_stages
+from nanopipe.dag import plan_stages, upstream_of
 from nanopipe.stages import STAGES
 from nanopipe.store import Store
 from flows.cache import result_storage
@@ -98,7 +98,7 @@ def settle_not_run(futures: dict, states: dict, stopped: list[str]) -> list[str]
     not_run = [n for n, s in states.items() if not s.is_final()]
     with get_client(sync_client=True) as client:
         for name in not_run:
-            culprit = next((u for u in stopped if u in upstream_closure(name)), "an upstream stage")
+            culprit = next((u for u in stopped if u in upstream_of(name)), "an upstream stage")
             state = Cancelled(message=f"not run: upstream {culprit} did not complete")
             when_recorded(lambda: client.set_task_run_state(futures[name].task_run_id, state, force=True))
             when_recorded(lambda: client.set_task_run_name(futures[name].task_run_id, name))
@@ -118,15 +118,6 @@ def when_recorded(call, wait_s: float = 15.0) -> None:
                 return  # only the names and states of the UI are at stake here: never fail the run for them
             time.sleep(0.2)
 
-
-def upstream_closure(stage: str) -> set[str]:
-    found, todo = set(), list(STAGES[stage])
-    while todo:
-        u = todo.pop()
-        if u not in found:
-            found.add(u)
-            todo.extend(STAGES[u])
-    return found
 
 
 def _pipeline(preset: Preset = "tiny", overrides: list[str] | None = None, stages: list[Stage] | None = None,

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from nanopipe.launch import descendants, signal_pid
+from nanopipe.launch import kill_trees
 
 REPO = Path(__file__).resolve().parents[1]
 POOLS_FILE = REPO / "deployments" / "pools.yaml"
@@ -170,22 +170,7 @@ def _tail(path: Path, n: int = 30) -> str:
 
 def stop(procs: list[subprocess.Popen], grace: float = STOP_GRACE_S) -> None:
     """SIGTERM each process group (and every descendant), then SIGKILL what is left after `grace` s."""
-    family = {p.pid: descendants(p.pid) for p in procs}
-    for p in procs:
-        signal_pid(p.pid, signal.SIGTERM, group=True)
-        for d in family[p.pid]:
-            signal_pid(d, signal.SIGTERM, group=False)
-    deadline = time.monotonic() + grace
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-    for p in procs:
-        signal_pid(p.pid, signal.SIGKILL, group=True)
-        for d in family[p.pid]:
-            signal_pid(d, signal.SIGKILL, group=False)
-        p.wait()
+    kill_trees(procs, grace)
 
 
 # ----- the command -----

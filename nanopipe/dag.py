@@ -28,15 +28,20 @@ def check_names(names: list[str] | tuple[str, ...] | None, what: str) -> None:
         raise PlanError(f"unknown {what} {', '.join(map(repr, unknown))}; stages are: {', '.join(STAGES)}")
 
 
+def upstream_of(stage: str) -> set[str]:
+    """Every stage `stage` needs, directly or not."""
+    found, todo = set(), list(STAGES[stage])
+    while todo:
+        u = todo.pop()
+        if u not in found:
+            found.add(u)
+            todo.extend(STAGES[u])
+    return found
+
+
 def plan_stages(stages: list[str] | None = None, force: list[str] | None = None) -> list[str]:
     """Requested and forced stages (default all) plus everything upstream of them, in pipeline order."""
     check_names(stages, "stage")
     check_names(force, "stage to force")
     wanted = set(stages or STAGES) | set(force or [])
-    todo = list(wanted)
-    while todo:
-        for u in STAGES[todo.pop()]:
-            if u not in wanted:
-                wanted.add(u)
-                todo.append(u)
-    return in_order(wanted)
+    return in_order(wanted.union(*(upstream_of(s) for s in wanted)))

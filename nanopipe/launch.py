@@ -155,7 +155,7 @@ def terminate_all(reason: str, grace: float = KILL_GRACE_S) -> list[int]:
         for c in children:
             c.stopped = reason
     for c in children:
-        threading.Thread(target=_kill_tree, args=(c.proc, grace), name="launch-terminate", daemon=True).start()
+        threading.Thread(target=kill_trees, args=([c.proc], grace), name="launch-terminate", daemon=True).start()
     return [c.proc.pid for c in children]
 
 
@@ -187,22 +187,26 @@ def signal_pid(pid: int, sig: int, group: bool = False) -> None:
         pass
 
 
-def _kill_tree(proc: subprocess.Popen, grace: float) -> None:
-    """SIGTERM the child's process group and its descendants (torchrun forwards SIGTERM to its
-    ranks), then SIGKILL whatever is left after `grace` seconds."""
-    family = descendants(proc.pid)  # while the child lives: its orphans are no longer found
-    signal_pid(proc.pid, signal.SIGTERM, group=True)
-    for pid in family:
-        signal_pid(pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    # Even if the leader exited, workers that ignored SIGTERM may still be in the group or below it.
-    signal_pid(proc.pid, signal.SIGKILL, group=True)
-    for pid in family:
-        signal_pid(pid, signal.SIGKILL)
-    proc.wait()
+def kill_trees(procs: list[subprocess.Popen], grace: float) -> None:
+    """SIGTERM each child's process group and its descendants (torchrun forwards SIGTERM to its
+    ranks), then SIGKILL whatever is left after `grace` seconds (one deadline for all)."""
+    family = {p.pid: descendants(p.pid) for p in procs}  # while the children live: orphans are no longer found
+    for p in procs:
+        signal_pid(p.pid, signal.SIGTERM, group=True)
+        for pid in family[p.pid]:
+            signal_pid(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    # Even if a leader exited, workers that ignored SIGTERM may still be in the group or below it.
+    for p in procs:
+        signal_pid(p.pid, signal.SIGKILL, group=True)
+        for pid in family[p.pid]:
+            signal_pid(pid, signal.SIGKILL)
+        p.wait()
 
 
 def _describe_exit(returncode: int) -> str:
@@ -253,7 +257,7 @@ def run_streaming(cmd: list[str], log_path: str | os.PathLike, on_line: Callable
             while not (eof and proc.poll() is not None):
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
-                    _kill_tree(proc, kill_grace)
+                    kill_trees([proc], kill_grace)
                     message = f"{' '.join(cmd)} timed out after {timeout:g}s and was killed"
                     log.write(f"=== {message}\n")
                     raise LaunchTimeout(f"{message}; last {len(tail)} lines of {log_path}:\n" + "".join(tail),
@@ -272,7 +276,7 @@ def run_streaming(cmd: list[str], log_path: str | os.PathLike, on_line: Callable
                         exited_at = exited_at or now
                         if now - exited_at > DRAIN_S and not leftovers_killed:
                             # The child is gone but processes it left behind still hold the pipe.
-                            _kill_tree(proc, 0)
+                            kill_trees([proc], 0)
                             leftovers_killed = True
                     continue
                 if line is None:
@@ -285,7 +289,7 @@ def run_streaming(cmd: list[str], log_path: str | os.PathLike, on_line: Callable
                 on_line(line)
         except BaseException as exc:
             # Timeout, Ctrl-C, cancellation, a failing callback: never leave the group running.
-            _kill_tree(proc, kill_grace)
+            kill_trees([proc], kill_grace)
             if not isinstance(exc, LaunchTimeout):
                 log.write(f"=== interrupted by {type(exc).__name__}; process group killed\n")
             raise
@@ -336,7 +340,7 @@ def background(cmd: list[str], log_path: str | os.PathLike, on_line: Callable[[s
                 raise LaunchCancelled(f"{' '.join(cmd)} was stopped: {child.stopped}", child.proc.returncode, []) from None
             raise
         finally:
-            _kill_tree(child.proc, kill_grace)
+            kill_trees([child.proc], kill_grace)
             _forget(child)
             reader.join(timeout=5.0)
         if child.stopped:

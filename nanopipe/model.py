@@ -60,6 +60,11 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
     @property
+    def rotary_seq_len(self) -> int:
+        """Positions the rotary tables cover: generation may run past sequence_len (as nanochat's 10x)."""
+        return 10 * self.sequence_len
+
+    @property
     def padded_vocab_size(self) -> int:
         return -(-self.vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
 
@@ -176,7 +181,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         # Rotary tables are cheap, so cover 10x the training length (longer chats at
         # inference). Not persistent: they are recomputed, never checkpointed.
-        self.rotary_seq_len = 10 * config.sequence_len
+        self.rotary_seq_len = config.rotary_seq_len
         cos, sin = rotary_tables(self.rotary_seq_len, config.head_dim)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)

@@ -120,12 +120,13 @@ def _seconds(ctx, stage: str, tokens: float | None, flops_per_token: float) -> f
 
 
 def _bytes(ctx, stage: str) -> int:
-    return 2 if _device(ctx, stage) == "cuda" else 4
+    from nanopipe.device import compute_dtype  # torch: loaded by model_config already, not at import
+    return compute_dtype(_device(ctx, stage)).itemsize
 
 
 def _compiled(ctx, stage: str) -> bool:
-    c = getattr(ctx["cfg"], stage).compile
-    return (_device(ctx, stage) == "cuda") if c is None else c
+    from nanopipe.device import compile_enabled
+    return compile_enabled(getattr(ctx["cfg"], stage).compile, _device(ctx, stage))
 
 
 def _base_train(ctx, data: dict) -> dict:
@@ -189,7 +190,7 @@ def _kv_cache_bytes(mcfg, rows: int, length: int, dtype_bytes: int) -> int:
 def _rl(ctx) -> dict:
     """Training rows of up to max_seq_len plus the engine's KV cache; generation time is not estimated."""
     r, mcfg = ctx["cfg"].rl, ctx["mcfg"]
-    S = min(r.max_seq_len, 10 * mcfg.sequence_len)
+    S = min(r.max_seq_len, mcfg.rotary_seq_len)  # as rl.train
     memory = sizing.train_memory(mcfg, r.device_batch_size, S, _bytes(ctx, "rl"), False)
     memory["kv_cache"] = _kv_cache_bytes(mcfg, r.engine_batch, S, _bytes(ctx, "rl"))
     memory["total"] += memory["kv_cache"]
@@ -201,7 +202,7 @@ def _rl(ctx) -> dict:
 def _chat_eval(ctx) -> dict:
     """The weights, the engine's KV cache, and the prefill of a batch of prompts; time not estimated."""
     e, mcfg = ctx["cfg"].chat_eval, ctx["mcfg"]
-    S = min(e.context_len, 10 * mcfg.sequence_len)
+    S = min(mcfg.rotary_seq_len, max(e.context_len, mcfg.sequence_len))  # the engine's, as stages/chat_eval
     memory = sizing.eval_memory(mcfg, e.batch_size, S, _bytes(ctx, "chat_eval"))
     memory["kv_cache"] = _kv_cache_bytes(mcfg, e.batch_size, S, _bytes(ctx, "chat_eval"))
     memory["total"] += memory["kv_cache"]
@@ -211,8 +212,7 @@ def _chat_eval(ctx) -> dict:
 def _checkpoint_bytes(mcfg, world: int) -> int:
     """One training checkpoint: the fp32 model (rank 0) and every rank's own copy of the optimizer
     state (replicated, see optim.py)."""
-    n_matrix, n_all = sizing.matrix_params(mcfg), sizing.num_params(mcfg)
-    return 4 * n_all + world * (8 * (n_all - n_matrix) + 4 * n_matrix)
+    return 4 * sizing.num_params(mcfg) + world * sizing.optimizer_bytes(mcfg)
 
 
 def _data(cfg, mcfg) -> dict:

@@ -84,6 +84,13 @@ def flops_per_token(c, sequence_len: int | None = None) -> int:
 
 # ----- memory per rank -----
 
+def optimizer_bytes(c) -> int:
+    """nanopipe.optim's state: AdamW's two fp32 moments for wte and lm_head, Muon's fp32 momentum for
+    the matrices; not sharded (every rank holds the whole state, see optim.py)."""
+    n_matrix = matrix_params(c)
+    return 8 * (num_params(c) - n_matrix) + 4 * n_matrix
+
+
 def train_memory(c, B: int, T: int, compute_bytes: int = 4, compiled: bool = False) -> dict[str, int]:
     """Peak bytes per rank of a training step of nanopipe.model.GPT with nanopipe.optim's optimizers,
     B rows of T tokens per micro-batch. compute_bytes: 4 = fp32 (CPU), 2 = bf16 autocast (CUDA).
@@ -110,10 +117,9 @@ def train_memory(c, B: int, T: int, compute_bytes: int = 4, compiled: bool = Fal
     M, C, L = B * T, c.n_embd, c.n_layer
     kv = c.n_kv_head * c.head_dim / C  # kv width relative to C
     n_matrix, n_all = matrix_params(c), num_params(c)
-    n_adam = n_all - n_matrix
     lm_head = c.padded_vocab_size * C
     params = grads = 4 * n_all
-    optimizer = 8 * n_adam + 4 * n_matrix
+    optimizer = optimizer_bytes(c)
     if compiled:
         per_token_layer = C * (2 * f + a * (2 + 2 * kv + 4))  # x, x' fp32; q, out, k, v, c_fc out
         final = M * C * (f + a)

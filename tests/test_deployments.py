@@ -410,7 +410,8 @@ def test_ui_starts_server_pools_deployments_workers_and_stops_them_all(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "flows.ui", "--port", str(port), "--store", str(tmp_path / "store")],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out, children = [], []
-    from flows.ui import descendants, healthy
+    from flows.ui import healthy
+    from nanopipe.launch import descendants
 
     try:
         deadline = time.monotonic() + 240

@@ -25,7 +25,7 @@ from nanopipe import loading
 from nanopipe.codeid import combined_digest, module_digests
 from nanopipe.device import autocast_for, setup_device
 from nanopipe.lineage import ancestor
-from nanopipe.store import Store, StoreError
+from nanopipe.store import Store, StoreError, writing
 
 CHAT_STAGES = ("mid_train", "sft", "rl")
 CHAT_TASKS = ["arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval"]
@@ -208,10 +208,12 @@ def baseline(records: list[dict], settings: dict, code: dict) -> tuple[dict | No
 
 
 def write_record(store: Store, record: dict) -> str:
-    """Store a run's record (named by the time of writing, see Store.nightly_record_path); returns its URL."""
-    path = store.nightly_record_path(dt.datetime.now(dt.timezone.utc), record["run_id"])
-    store.fs.makedirs(store.nightly_dir(), exist_ok=True)
-    store.fs.pipe_file(path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+    """Store a run's record, whole or not at all (a half-written one would break every later night),
+    named by its created_at (see Store.nightly_record_path); returns its URL."""
+    path = store.nightly_record_path(dt.datetime.fromisoformat(record["created_at"]), record["run_id"])
+    with writing(store.url_of(path)):
+        store.fs.makedirs(store.nightly_dir(), exist_ok=True)
+    store.atomic_put(path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
     return store.url_of(path)
 
 

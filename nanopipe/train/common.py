@@ -245,10 +245,11 @@ class Checkpoints:
         return json.loads(self._read(step, "state.json"))
 
 
-# ----- progress -----
+# ----- step timing -----
 
-class Progress:
-    """Step timing, tokens/s, MFU and ETA; the first steps (warm-up, compile) are left out of rates."""
+class StepTimer:
+    """Step timing, tokens/s, MFU and ETA; the first steps (warm-up, compile) are left out of rates.
+    (What is reported to watchers is nanopipe.progress.StageProgress, fed from these figures.)"""
 
     def __init__(self, total_steps: int, flops_per_token: float, peak: float | None, skip: int = 2):
         self.total, self.flops, self.peak, self.skip = total_steps, flops_per_token, peak, skip
@@ -351,7 +352,7 @@ def train_loop(ctx: "StageContext", d: Dist, spec: LoopSpec, model, optimizers, 
         if data is not None:
             data.load_state_dict(state["loader"][d.rank])
         log(f"[{spec.name}] resumed from checkpoint at step {resumed_at}")
-    progress = Progress(spec.steps, spec.flops_per_token, peak_flops(d.device))
+    timer = StepTimer(spec.steps, spec.flops_per_token, peak_flops(d.device))
     watch = StageProgress(ctx, spec.steps)
     tracker = start_tracking(ctx.tracking, ctx.stage, ctx.key, ctx.config.model_dump(mode="json")) if d.is_master else None
     watch.update(state["step"], force=True)
@@ -372,12 +373,12 @@ def train_loop(ctx: "StageContext", d: Dist, spec: LoopSpec, model, optimizers, 
             watch.update(step, numbers(spec.val_metric or "val", value), force=True)
             if tracker:
                 tracker.log(numbers(spec.val_metric or "val", value), step)
-            progress.t = time.time()  # step timings and the ETA leave evaluations out
+            timer.t = time.time()  # step timings and the ETA leave evaluations out
         if 0 < step < spec.steps and step % spec.checkpoint_every == 0 and step != resumed_at:
             state.update(step=step, loader=None if data is None else _gather(d, data.state_dict()))
             ckpts.save(d, step, model, optimizers, state)
             log(f"[{spec.name}] checkpoint at step {step}")
-            progress.t = time.time()
+            timer.t = time.time()
         if last:
             watch.update(step, eta_s=0.0, force=True)
             break
@@ -395,7 +396,7 @@ def train_loop(ctx: "StageContext", d: Dist, spec: LoopSpec, model, optimizers, 
         state["tokens"] += n_tokens
         state["curve"].append({"step": step, "loss": loss, "lrm": lrm, **out.extra})
         smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
-        p = progress.tick(step, n_tokens)
+        p = timer.tick(step, n_tokens)
         rates = {"tokens_per_s": p["tokens_per_s"], **({"mfu": p["mfu"]} if "mfu" in p else {})}
         if tracker:
             tracker.log({"loss": loss, "lrm": lrm, **rates, **out.extra}, step)
