@@ -434,9 +434,9 @@ def _gc(store: Store, cfg, args) -> None:
     """Keep the lineage of what the given config has built, and unfinished dirs that run or are recent;
     drop other committed dirs and old unfinished ones. Says what it keeps and why."""
     from nanopipe.lineage import label, walk
-    from nanopipe.runner import running
+    from nanopipe.runner import committed, running
 
-    built = [store.manifest(r["stage"], r["key"]) for r in config_status(store, cfg) if r["built"]]
+    built = list(committed(store, cfg).values())
     keep = {m["key"]: (m, f"built for preset {cfg.preset} (this config)") for m in built}
     for m in built:
         for up in walk(store, m):
@@ -464,14 +464,15 @@ def _gc(store: Store, cfg, args) -> None:
 
 def _report(store: Store, cfg) -> None:
     """Print the committed report.md of a config (and where its plots are); builds nothing."""
-    rows = config_status(store, cfg)
-    report = next(r for r in rows if r["stage"] == "report")
+    from nanopipe.runner import committed
+
+    built = committed(store, cfg)
+    m = built.get("report")
     try:
-        if not report["built"]:
+        if m is None:
             raise StoreError(f"no committed report for preset {cfg.preset!r} (and these overrides) in {store.url}; "
-                             f"not built: {', '.join(r['stage'] for r in rows if not r['built'])}. "
+                             f"not built: {', '.join(s for s in STAGES if s not in built)}. "
                              f"Build it with `nanopipe run --preset {cfg.preset}`")
-        m = store.manifest("report", report["key"])
         print(store.read_bytes(m, "report.md").decode(), end="")
     except StoreError as e:
         print(f"nanopipe: error: {e}", file=sys.stderr)

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from nanopipe import cli, lineage, loading
+from nanopipe import cli, lineage, loading, runner
 from nanopipe.store import Store, StoreError
 
 
@@ -80,9 +80,7 @@ def test_gc_keeps_the_lineage_of_what_the_config_built(store, chain, monkeypatch
     unfinished = store.writer("sft", "f" * 64)  # a crashed run: files, no manifest
     unfinished.write_bytes("partial.bin", b"x")
     # The config has built sft only: gc keeps sft's whole lineage, drops the rest.
-    monkeypatch.setattr(cli, "config_status", lambda store, cfg: [
-        {"stage": "sft", "built": True, "key": chain["sft"]["key"]},
-        {"stage": "rl", "built": False, "key": "e" * 64}])
+    monkeypatch.setattr(runner, "committed", lambda store, cfg: {"sft": chain["sft"]})
     cli.main(["gc", "--store", store.url, "--yes", "--min-age", "0"])
     out = capsys.readouterr().out
     assert "2 dirs removed; kept 5" in out
